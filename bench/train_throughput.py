@@ -1,0 +1,86 @@
+"""Training throughput and MFU of a model on the current device.
+
+    python bench/train_throughput.py                       # shakespeare-char, fp32 and bf16, eager and compiled
+    python bench/train_throughput.py --preset tiny --dtype fp32 --compile 0
+
+MFU = flops_per_token × tokens/s / peak, where the peak is the device's: a data-sheet figure on known GPUs, the
+measured best square-matmul rate of the same dtype on a CPU (scalelm.train.peak). Each row times full optimizer
+steps (forward, backward, clip, AdamW) after warm-up steps, and reports the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scalelm.model import get_preset
+from scalelm.model.gpt import GPT
+from scalelm.train.peak import cpu_peak_flops, gpu_peak_flops
+
+
+def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps: int, device: str) -> dict:
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    model = GPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compiled else model
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        with amp:
+            logits = fwd(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:  # warm-up (and compilation) excluded
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tokens_per_s = batch * seq / step_s
+    if device == "cuda":
+        peak = gpu_peak_flops(torch.cuda.get_device_name(), dtype)
+    else:
+        peak = cpu_peak_flops(dtype)
+    flops = model.flops_per_token(seq) * tokens_per_s
+    return {"preset": preset, "dtype": dtype, "compile": compiled, "batch": batch, "seq": seq,
+            "tokens_per_s": tokens_per_s, "gflops": flops / 1e9, "peak_gflops": peak / 1e9 if peak else None,
+            "mfu": flops / peak if peak else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="shakespeare-char")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--compile", choices=["0", "1", "both"], default="both")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=0, help="0 = the model's max_seq_len")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    seq = args.seq or get_preset(args.preset).max_seq_len
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    compiles = [False, True] if args.compile == "both" else [args.compile == "1"]
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'preset':18} {'dtype':5} {'compile':7} {'batch×seq':>10} {'tokens/s':>10} {'GFLOP/s':>8} "
+          f"{'peak':>8} {'MFU':>6}")
+    for dtype in dtypes:
+        for compiled in compiles:
+            r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device)
+            mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
+            peak = f"{r['peak_gflops']:.0f}" if r["peak_gflops"] else "n/a"
+            print(f"{r['preset']:18} {dtype:5} {str(compiled):7} {f'{args.batch}×{seq}':>10} "
+                  f"{r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {peak:>8} {mfu:>6}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Checkpoints of a run: weights in safetensors, the rest in JSON and weights-only tensor files.
+
+Layout: RUN/checkpoints/step_00000100/{model.safetensors, model.json, optimizer.pt, rng.pt, state.json}.
+Nothing here unpickles arbitrary objects: safetensors and JSON cannot, and tensor files are read with
+`torch.load(weights_only=True)`. A checkpoint is written into a temporary directory and renamed into place, so
+an interrupted save never damages the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from scalelm.model.config import ModelConfig
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A missing or unreadable checkpoint, phrased for people."""
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with tied tensors kept once (the first name wins), detached, contiguous, on CPU."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a full (gathered) model state in canonical order: sorted names, then name, dtype, shape, bytes.
+    The same weights give the same hash on any layout."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Completed checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write step `step` atomically and prune all but the newest `keep`."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(unique_state(model), str(tmp / "model.safetensors"))
+    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Restore weights, optimizer states and RNG; returns the trainer state (step, loader, ...)."""
+    try:
+        load_weights(model, path / "model.safetensors")
+        opt_states = torch.load(path / "optimizer.pt", weights_only=True)
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an older one") from None
+    if len(opt_states) != len(optimizers):
+        raise CheckpointError(f"checkpoint {path} has {len(opt_states)} optimizer(s), this run has {len(optimizers)}; "
+                              f"use the same optim.name to resume")
+    for opt, sd in zip(optimizers, opt_states):
+        opt.load_state_dict(sd)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Load a safetensors state into `model`, re-tying shared tensors that were saved once."""
+    tensors = load_file(str(file))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {n for n in missing if n == "output.weight" and getattr(model, "cfg", None) and model.cfg.tie_embeddings}
+    missing = [n for n in missing if n not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{file}: weights do not match the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}); was it saved from a different model config?")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (→ its newest checkpoint) or a checkpoint directory."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file() and (p / "model.json").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint found in {str(p)!r}; pass a run directory written by `scalelm train` "
+                              f"or one of its checkpoints/step_* directories")
+    return latest
+
+
+def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
+    """The one loading path: model of a run directory or checkpoint, eval mode, on `device`."""
+    from scalelm.model.gpt import GPT
+
+    ckpt = resolve_checkpoint(path)
+    cfg = ModelConfig.from_dict(json.loads((ckpt / "model.json").read_text()))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_buffers(device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    load_weights(model, ckpt / "model.safetensors")
+    return model.eval()

@@ -1,0 +1,78 @@
+"""Optimizers and learning-rate schedules.
+
+The schedule is a pure function of the step (`lr_factor`), so resuming needs only the step count, and the same
+function serves every optimizer group (AdamW and Muon groups carry their own `base_lr`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scalelm.config import OptimConfig
+
+
+def _decays(name: str, param: torch.Tensor) -> bool:
+    """Weight decay on matrices only: linear weights and embedding tables; never on norms or biases."""
+    return param.dim() >= 2
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
+    """AdamW over all parameters, or Muon on the hidden (block) matrices + AdamW on the rest.
+
+    Returned as a list so the trainer steps, zeroes and checkpoints them uniformly.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    use_muon = cfg.name == "muon"
+    muon_params = [p for n, p in named if use_muon and n.startswith("layers.") and p.dim() == 2]
+    muon_ids = {id(p) for p in muon_params}
+    rest = [(n, p) for n, p in named if id(p) not in muon_ids]
+    decay = [p for n, p in rest if _decays(n, p)]
+    no_decay = [p for n, p in rest if not _decays(n, p)]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    # fused AdamW runs one kernel over all tensors (CPU and CUDA); it needs plain (non-DTensor) params on
+    # one device type, which the parallel path may not have — foreach is the fallback.
+    try:
+        adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    except (RuntimeError, TypeError):
+        adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    optimizers: list[torch.optim.Optimizer] = [adamw]
+    if muon_params:
+        optimizers.append(torch.optim.Muon(
+            [{"params": muon_params, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+        ))
+    return optimizers
+
+
+def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then the chosen shape."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps + 1) / span)
+    if cfg.schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
+    """Apply the schedule factor to every group; returns the main (first group's) LR for logging."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+    return optimizers[0].param_groups[0]["lr"]

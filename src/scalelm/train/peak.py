@@ -1,0 +1,104 @@
+"""Peak FLOP/s of the device the run uses, for MFU = flops_per_token × tokens/s / peak.
+
+GPUs: dense tensor-core peaks from vendor data sheets, matched by device name. CPUs have no data sheet figure
+that means anything here, so the peak is *measured* once — the best large square matmul rate — and cached per
+CPU model, thread count, dtype and torch version. An unknown GPU gives None: we never guess a peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Dense peak TFLOP/s (bf16/fp16 tensor cores, tf32, fp32 non-tensor) by name fragment, most specific first.
+GPU_PEAKS_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0, "tf32": 494.7}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0, "tf32": 378.0}),
+    ("H100", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0, "tf32": 494.7}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tf32": 156.0}),
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0, "tf32": 1100.0}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6, "tf32": 183.0}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("MI300X", {"bf16": 1307.4, "fp16": 1307.4, "fp32": 163.4, "tf32": 653.7}),
+]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "scalelm"
+
+
+def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    for fragment, peaks in GPU_PEAKS_TFLOPS:
+        if fragment.lower() in device_name.lower():
+            value = peaks.get(dtype)
+            return value * 1e12 if value else None
+    return None
+
+
+def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, seconds_per_size: float = 0.4) -> float:
+    """Best sustained matmul FLOP/s over square sizes 512–2048 with the current thread count."""
+    best = 0.0
+    for n in (512, 1024, 1536, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds_per_size:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def cpu_peak_flops(dtype: str = "fp32", refresh: bool = False) -> float:
+    """Measured CPU matmul peak for `dtype`, cached in the user cache directory."""
+    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    path = _cache_dir() / "cpu_peak.json"
+    cache: dict[str, float] = {}
+    if path.is_file():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if key in cache and not refresh:
+        return cache[key]
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cache[key] = measure_cpu_matmul_flops(torch_dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return cache[key]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown-cpu"
+
+
+def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s or None, a note saying where it came from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name, dtype)
+        if peak is None:
+            return None, f"no peak known for {name!r} ({dtype}); mfu is null"
+        return peak, f"{name} {dtype} data-sheet peak {peak / 1e12:.0f} TFLOP/s"
+    if device.type == "cpu":
+        peak = cpu_peak_flops(dtype)
+        return peak, f"CPU {dtype} matmul peak measured at {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
+    return None, f"no peak known for device type {device.type!r}; mfu is null"

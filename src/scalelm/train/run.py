@@ -1,0 +1,102 @@
+"""Build a run from its Config and train it: the path `config → model → data → optimizer → resume → loop`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalelm.config import Config, ConfigError, to_toml
+from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
+from scalelm.model.gpt import GPT
+from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint
+from scalelm.train.metrics import MetricsLogger
+from scalelm.train.optim import build_optimizers
+from scalelm.train.peak import peak_flops
+from scalelm.train.trainer import Trainer, resolve_precision
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use --device cpu (or auto)")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def build_model(cfg: Config, device: torch.device, seed: int) -> GPT:
+    """Weights drawn on CPU from the run seed, then moved: the same seed gives the same model on any device."""
+    torch.manual_seed(seed)
+    return GPT(cfg.model).to(device)
+
+
+def _trim_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metric lines written after the checkpoint (they will be written again, identically)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") is None and record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train per `cfg`; returns the final `end` record."""
+    device = resolve_device(cfg.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.out)
+    data_dir = Path(cfg.data.path) if cfg.data.path else default_dataset()
+    meta = load_dataset_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the dataset's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}; set --model.vocab_size {64 * -(-tokenizer.vocab_size // 64)}")
+    try:
+        precision = resolve_precision(cfg.train.dtype, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is None and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
+
+    model = build_model(cfg, device, cfg.seed)
+    if cfg.train.compile:
+        for block in model.layers.values():
+            block.compile()
+    optimizers = build_optimizers(model, cfg.optim)
+    loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
+    peak, peak_note = peak_flops(device, precision.name)
+    start_step = 0
+    state = None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizers)
+        start_step = state["step"]
+        _trim_metrics(run_dir, start_step)
+    logger = MetricsLogger(run_dir, cfg.train.steps, start_step, progress=cfg.metrics.progress,
+                           tensorboard=cfg.metrics.tensorboard)
+    trainer = Trainer(cfg, model, optimizers, loader, open_split(data_dir, "val"), tokenizer, run_dir, device,
+                      precision, logger, peak)
+    if state is not None:
+        trainer.load_state_dict(state)
+        logger.print(f"resumed from {resume_from} at step {start_step}")
+    logger.print(f"model {cfg.model.preset or 'custom'}: {model.num_params():,} parameters, "
+                 f"{trainer.flops_per_token / 1e6:.1f} MFLOP/token; data {data_dir.name} "
+                 f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}; "
+                 f"{peak_note}")
+    try:
+        return trainer.fit()
+    finally:
+        logger.close()

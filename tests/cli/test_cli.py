@@ -1,0 +1,86 @@
+"""The CLI as a user meets it: one-line errors with exit code 2, and the happy paths."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import train
+from scalelm.cli import main
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "scalelm", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--train.stepz", "3"], "did you mean 'train.steps'"),
+    (["train", "--train.steps", "ten"], "train.steps='ten' is not an integer"),
+    (["train", "--train.steps", "0"], "train.steps=0 must be > 0"),
+    (["train", "--model.preset", "gpt2"], "unknown model preset 'gpt2'"),
+    (["train", "--optim.schedule", "cosin"], "did you mean 'cosine'"),
+    (["train", "--train.global_batch", "6", "--train.micro_batch", "4"], "does not divide train.global_batch=6"),
+    (["train", "--config", "missing.toml"], "config file 'missing.toml' not found"),
+    (["train", "--model.preset", "tiny", "--train.seq_len", "999"], "exceeds model.max_seq_len=64"),
+    (["train", "--device", "tpu"], "is not one of: auto, cpu, cuda"),
+    (["train", "--model.n_head", "5"], "does not divide model.d_model"),
+    (["trian"], "did you mean 'train'"),
+    (["generate", "no-such-run"], "no checkpoint found"),
+    (["prepare", "no-such-file.txt", "--out", "ds"], "no-such-file.txt"),
+    (["info", "llama9"], "unknown model preset"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, expected, capsys):
+    os.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err
+
+
+def test_errors_from_a_real_process_have_no_traceback(tmp_path):
+    result = run_cli("train", "--train.stepz", "3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_bad_toml_names_the_file(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("[train]\nsteps = \n")
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+
+
+def test_config_file_then_flags(tmp_path):
+    (tmp_path / "c.toml").write_text('[model]\npreset = "tiny"\n[train]\nsteps = 5\nlog_every = 5\n')
+    from scalelm.config import build_config, load_toml
+
+    cfg = build_config(load_toml(tmp_path / "c.toml"), {"train.steps": "3"})
+    assert cfg.model.preset == "tiny" and cfg.train.steps == 3 and cfg.train.log_every == 5
+
+
+def test_bundled_configs_load():
+    from pathlib import Path
+
+    from scalelm.config import build_config, load_toml
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        build_config(load_toml(path))
+
+
+def test_generate_and_report_from_a_trained_run(tmp_path, capsys):
+    train(tmp_path / "run", "--train.steps", "3", "--train.log_every", "1")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "ROMEO:", "--max-new-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and len(out.strip()) >= 20
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "\u2603"]) == 2
+
+
+def test_info_prints_presets(capsys):
+    assert main(["info", "gpt2-124m"]) == 0
+    assert "124,439,808" in capsys.readouterr().out

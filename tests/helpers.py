@@ -1,0 +1,23 @@
+"""Shared helpers for tests: run the CLI in-process and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scalelm.cli import main
+
+TINY = ["--model.preset", "tiny", "--train.dtype", "fp32", "--train.global_batch", "8", "--train.seq_len", "32",
+        "--train.sample_tokens", "0", "--metrics.progress", "false", "--optim.warmup_steps", "3"]
+
+
+def train(out: Path, *extra: str) -> int:
+    return main(["train", "--out", str(out), *TINY, *extra])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}

@@ -1,0 +1,202 @@
+"""`scalelm calibrate`: measure this machine and write a hardware TOML the step model can use.
+
+The only perf module that touches PyTorch, and only inside its functions. It measures, with the thread
+count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
+
+* matmul throughput over shapes: the best FLOP/s becomes the fp32 (and bf16) "peak" with matmul
+  efficiency 1.0; the inner-dimension penalty k0 of compute.gemm_time_s is fitted from the small-k
+  shapes, the fixed cost from a tiny matmul;
+* memory bandwidth: a large tensor copy (read + write) -> hbm_tb_s with memory_bw efficiency 1.0;
+* attention: causal scaled_dot_product_attention forward+backward, expressed in the step model's
+  convention (causal half of 4·b·s²·H·d forward FLOPs, backward 2.5x);
+* collectives: gloo all-reduce and all-gather between 2 local processes (torch.multiprocessing spawn),
+  fitted to t = alpha + S/beta -> intra_node_gb_s and latency; gpus_per_node = the processes this machine
+  runs side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def _bench(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_matmul(quick: bool = False, dtype: str = "float32") -> dict:
+    import torch
+
+    dt = getattr(torch, dtype)
+    big = 512 if quick else 1024
+    shapes = [(big, big, big), (2 * big, big, big), (big, 4 * big, big), (big, big, 4 * big),
+              (big, big, 64), (big, big, 128), (big, big, 256), (4096, 256, 256)]
+    reps = 3 if quick else 5
+    out = []
+    for m, n, k in shapes:
+        a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+        t = _bench(lambda a=a, b=b: torch.mm(a, b), reps)
+        out.append({"m": m, "n": n, "k": k, "s": t, "tflops": 2 * m * n * k / t / 1e12})
+    a, b = torch.randn(8, 8, dtype=dt), torch.randn(8, 8, dtype=dt)
+    tiny = _bench(lambda: torch.mm(a, b), 50)
+    peak = max(r["tflops"] for r in out)
+    # k0 from k/(k+k0) = achieved/peak on the small-k shapes.
+    k0s = [r["k"] * (peak / r["tflops"] - 1) for r in out if r["k"] <= 256 and r["tflops"] < peak]
+    k0s.sort()
+    k0 = k0s[len(k0s) // 2] if k0s else 0.0
+    return {"peak_tflops": peak, "k_overhead": max(0.0, k0), "kernel_overhead_us": tiny * 1e6, "shapes": out}
+
+
+def measure_memory_bw(quick: bool = False) -> float:
+    import torch
+
+    n = (32 if quick else 128) * 2**20 // 4
+    x = torch.randn(n)
+    y = torch.empty_like(x)
+    t = _bench(lambda: y.copy_(x), 3 if quick else 5)
+    return 2 * n * 4 / t / 1e12  # TB/s read+write
+
+
+def measure_attention(peak_tflops: float, quick: bool = False) -> float:
+    """Attention efficiency in the units of hardware.Efficiency.attention (head-dim factor removed)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, h, s, d = 1, 4, (256 if quick else 512), 64
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+
+    def step():
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y.sum().backward()
+
+    t = _bench(step, 3)
+    fwd_flops = 4 * b * s * s * h * d * 0.5
+    achieved = 3.5 * fwd_flops / t / 1e12
+    return min(1.0, achieved / peak_tflops * (d + 32) / d)
+
+
+def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    res = {"all_reduce": [], "all_gather": []}
+    for size in sizes:
+        x = torch.ones(size // 4)
+        t = _bench(lambda x=x: dist.all_reduce(x), 5)
+        res["all_reduce"].append((size, t))
+        outs = [torch.empty(size // 4 // world) for _ in range(world)]
+        part = torch.ones(size // 4 // world)
+        t = _bench(lambda outs=outs, part=part: dist.all_gather(outs, part), 5)
+        res["all_gather"].append((size, t))
+    if rank == 0:
+        queue.put(res)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _fit_alpha_beta(points: list[tuple[int, float]], volume: float) -> tuple[float, float]:
+    """Least squares t = alpha + volume·S/beta; returns (alpha_s, beta_bytes_s)."""
+    xs = [volume * s for s, _ in points]
+    ys = [t for _, t in points]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs) or 1.0
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    alpha = max(0.0, my - slope * mx)
+    return alpha, (1.0 / slope if slope > 0 else 1e12)
+
+
+def measure_collectives(quick: bool = False) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sizes = [2**p for p in ((12, 18, 22) if quick else (12, 16, 20, 22, 24))]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_collective_worker, args=(2, port, sizes, queue), nprocs=2, join=True, start_method="spawn")
+    res = queue.get(timeout=60)
+    # n = 2: ring all-reduce moves 2(n-1)/n·S = S, all-gather (n-1)/n·S = S/2, with 2(n-1) = 2 latency steps.
+    a_ar, b_ar = _fit_alpha_beta(res["all_reduce"], 1.0)
+    a_ag, b_ag = _fit_alpha_beta(res["all_gather"], 0.5)
+    return {"all_reduce": res["all_reduce"], "all_gather": res["all_gather"],
+            "latency_us": 1e6 * min(a_ar / 2, a_ag), "bandwidth_gb_s": min(b_ar, b_ag) / 1e9}
+
+
+def calibrate(quick: bool = False, collectives: bool = True) -> dict:
+    import torch
+
+    mm = measure_matmul(quick)
+    try:
+        bf16 = measure_matmul(True, "bfloat16")["peak_tflops"]
+    except RuntimeError:
+        bf16 = mm["peak_tflops"]
+    bw = measure_memory_bw(quick)
+    attn = measure_attention(mm["peak_tflops"], quick)
+    coll = measure_collectives(quick) if collectives else {"latency_us": 50.0, "bandwidth_gb_s": 5.0}
+    try:
+        ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        ram_gib = 16.0
+    return {"matmul": mm, "bf16_tflops": bf16, "memory_tb_s": bw, "attention": attn, "collectives": coll,
+            "ram_gib": ram_gib, "threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1,
+            "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
+            "torch": torch.__version__}
+
+
+def write_toml(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mm, coll = result["matmul"], result["collectives"]
+    shapes = "; ".join(f"{r['m']}x{r['n']}x{r['k']}: {r['tflops'] * 1e3:.1f} GFLOP/s" for r in mm["shapes"])
+    text = f"""# Written by `scalelm calibrate` on {time.strftime('%Y-%m-%d %H:%M')} ({result['machine']}, torch {result['torch']},
+# {result['threads']} threads). Measured values; efficiencies are 1.0 where the peak itself was measured.
+# matmul shapes: {shapes}
+
+[accelerator]
+key = "local"
+name = "this machine: {result['machine']}, {result['threads']} threads"
+peak_tflops = {{ fp32 = {mm['peak_tflops']:.6f}, bf16 = {result['bf16_tflops']:.6f} }}
+hbm_gib = {result['ram_gib']:.1f}
+hbm_tb_s = {result['memory_tb_s']:.6f}
+tdp_w = 65.0
+compute_units = 1
+price_per_hour_usd = 0.05
+source = "scalelm calibrate (measured)"
+notes = "tdp_w and price are placeholders; edit them for energy and cost estimates"
+
+[efficiency]
+matmul = 1.0
+matmul_k_overhead = {mm['k_overhead']:.1f}
+memory_bw = 1.0
+attention = {result['attention']:.4f}
+clock_derate = 1.0
+kernel_overhead_us = {mm['kernel_overhead_us']:.2f}
+source = "measured by scalelm calibrate"
+
+[node]
+gpus_per_node = {max(2, result['cpus'])}
+nvlink_domain = {max(2, result['cpus'])}
+intra_node_gb_s = {coll['bandwidth_gb_s']:.4f}
+intra_node_fabric = "gloo over shared memory/loopback (measured, 2 processes)"
+intra_node_efficiency = 1.0
+intra_node_latency_us = {coll['latency_us']:.1f}
+inter_node = "ethernet-10g"
+"""
+    path.write_text(text)
+    return path

@@ -1,0 +1,224 @@
+"""`scalelm plan`, `scalelm plan evaluate`, `scalelm hw`, `scalelm calibrate`: argv in, exit code out.
+
+Each entry point parses its own argv; bad input prints one line `error: ...` to stderr and returns 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+from scalelm.model.counting import num_params
+from scalelm.model.presets import PRESETS, get_preset
+from scalelm.perf import report
+from scalelm.perf.evaluate import RowError, evaluate_file, to_json
+from scalelm.perf.frameworks import PROFILES
+from scalelm.perf.hardware import HardwareError, catalog, load_hardware, local_hardware_path
+from scalelm.perf.layout import Layout, LayoutError, check_layout
+from scalelm.perf.planner import RANK_BY, search
+from scalelm.perf.run import estimate_run
+from scalelm.perf.step import predict_step
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse usage errors: one line, exit 2
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _fail(msg: str) -> int:
+    sys.stderr.write(f"error: {msg}\n")
+    return 2
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="scalelm plan", description="Predict memory, time, cost and energy of training runs and "
+                "rank the parallel layouts. `scalelm plan evaluate RUNS.csv` compares with published runs.")
+    p.add_argument("--model", default="gpt2-124m", help=f"preset: {', '.join(PRESETS)}")
+    for name in ("n-layer", "d-model", "n-head", "n-kv-head", "d-ff", "vocab-size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset's shape")
+    p.add_argument("--gpu", help="accelerator from `scalelm hw list` (default a100-80gb)")
+    p.add_argument("--hardware", help="hardware name, TOML file, or `local` (written by `scalelm calibrate`)")
+    p.add_argument("--inter-node", help="inter-node fabric key (networks in `scalelm hw list`)")
+    p.add_argument("--gpus", type=int, help="number of devices (default: one node)")
+    p.add_argument("--seq", type=int, help="sequence length (default: the model's max_seq_len)")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: one per device)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp8", "fp32"))
+    p.add_argument("--framework", default="scalelm", choices=sorted(PROFILES), help="software profile")
+    p.add_argument("--tokens", type=float, help="tokens to train (default: 20 per parameter, Chinchilla)")
+    p.add_argument("--top", type=int, default=5, help="layouts to print")
+    p.add_argument("--rank-by", default="throughput", choices=RANK_BY)
+    for name in ("tp", "pp", "dp", "cp", "zero", "micro-batch", "vpp"):
+        p.add_argument(f"--{name}", type=int, help="fix this part of the layout")
+    p.add_argument("--recompute", choices=("none", "selective", "full"))
+    p.add_argument("--schedule", choices=("1f1b", "interleaved", "gpipe", "zb-h1", "zb-h2"))
+    p.add_argument("--sp", dest="sequence_parallel", action="store_true", default=None, help="sequence parallel")
+    p.add_argument("--no-sp", dest="sequence_parallel", action="store_false")
+    p.add_argument("--offload", action="store_true", help="optimizer states on the host (ZeRO-Offload)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="DIR", help="write memory-breakdown and pipeline-timeline PNGs here")
+    return p
+
+
+def _model(args):
+    cfg = get_preset(args.model)
+    over = {"n_layer": args.n_layer, "d_model": args.d_model, "n_head": args.n_head, "n_kv_head": args.n_kv_head,
+            "d_ff": args.d_ff, "vocab_size": args.vocab_size}
+    over = {k: v for k, v in over.items() if v is not None}
+    if "d_model" in over or "n_head" in over:
+        over.setdefault("head_dim", None)
+    cfg = replace(cfg, **over)
+    cfg.validate()
+    return cfg
+
+
+def _hardware(args):
+    if args.hardware and args.gpu:
+        hw = load_hardware(args.hardware)
+        if hw.key != args.gpu:
+            raise HardwareError(f"--gpu {args.gpu} contradicts --hardware {args.hardware} (which is {hw.key}); "
+                                "pass one of them")
+    else:
+        hw = load_hardware(args.hardware or args.gpu or "a100-80gb")
+    return hw.with_network(args.inter_node) if args.inter_node else hw
+
+
+def main_plan(argv: list[str]) -> int:
+    if argv and argv[0] == "evaluate":
+        return main_evaluate(argv[1:])
+    args = _plan_parser().parse_args(argv)
+    try:
+        cfg = _model(args)
+        hw = _hardware(args)
+        n = args.gpus or hw.node.gpus_per_node
+        seq = args.seq or cfg.max_seq_len
+        gbs = args.global_batch or n
+        if n < 1 or seq < 1 or gbs < 1:
+            return _fail("--gpus, --seq and --global-batch must be positive")
+        if hw.nodes and n > hw.nodes * hw.node.gpus_per_node:
+            return _fail(f"{hw.name} has {hw.nodes * hw.node.gpus_per_node} devices; lower --gpus")
+        fw = PROFILES[args.framework]
+        fixed = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("cp", args.cp), ("zero", args.zero),
+                                   ("micro_batch", args.micro_batch), ("recompute", args.recompute),
+                                   ("sequence_parallel", args.sequence_parallel), ("schedule", args.schedule))
+                 if v is not None}
+        if args.tp and args.pp:
+            # A fully specified layout: predict it (and say why it is impossible, if it is).
+            dp = args.dp or max(1, n // (args.tp * args.pp * (args.cp or 1)))
+            vpp = args.vpp or 1
+            lo = Layout(tp=args.tp, pp=args.pp, dp=dp, cp=args.cp or 1, zero=args.zero or 0,
+                        micro_batch=args.micro_batch or 1, vpp=vpp,
+                        schedule=args.schedule or ("interleaved" if vpp > 1 else "1f1b"),
+                        sequence_parallel=bool(args.sequence_parallel), recompute=args.recompute or "none",
+                        precision=args.precision, offload=args.offload)
+            check_layout(cfg, lo, n, gbs, seq)
+            results, considered, fitting = [predict_step(cfg, hw, lo, seq, gbs, fw)], 1, 1
+        else:
+            plan = search(cfg, hw, n, seq, gbs, args.precision, fw, args.top, args.rank_by, fixed)
+            results, considered, fitting = plan.results, plan.considered, plan.fitting
+            if not results:
+                return _fail(f"no layout of {cfg.preset or 'the model'} fits {n} x {hw.key} "
+                             f"({hw.accelerator.hbm_gib:g} GiB) at seq {seq}, global batch {gbs}; "
+                             "add devices, lower --seq/--global-batch, or try --precision fp8")
+    except (HardwareError, LayoutError, RowError, ValueError, KeyError) as exc:
+        return _fail(str(exc).strip("'\""))
+    tokens = args.tokens or 20.0 * num_params(cfg)
+    best = results[0]
+    run = estimate_run(cfg, hw, best, seq, gbs, tokens)
+    if args.plot:
+        from scalelm.perf.plots import plot_plan
+
+        try:
+            paths = plot_plan(results, args.plot)
+        except ImportError:
+            return _fail("--plot needs matplotlib: pip install 'scalelm[plot]'")
+    if args.json:
+        out = {"model": cfg.preset, "params": num_params(cfg), "hardware": hw.key, "devices": n, "seq_len": seq,
+               "global_batch": gbs, "considered": considered, "fitting": fitting,
+               "layouts": [{"layout": r.layout.to_dict(), "step_time_s": r.step_time_s,
+                            "tokens_per_s_per_device": r.tokens_per_s_per_device, "mfu": r.mfu, "hfu": r.hfu,
+                            "peak_mem_gib": r.peak_mem_gib, "fits": r.fits, "bottleneck": r.bottleneck,
+                            "time_s": r.time_s, "hidden_s": r.hidden_s, "memory_gib": r.memory_gib()}
+                           for r in results],
+               "run": run.to_dict()}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{cfg.preset or 'custom'}: {num_params(cfg) / 1e9:.3g}B params, seq {seq}, global batch {gbs} on "
+          f"{n} x {hw.key} ({hw.node.gpus_per_node}/node, {hw.network.key}); {considered:,} layouts considered, "
+          f"{fitting:,} fit")
+    print(report.table(report.PLAN_COLUMNS, report.plan_rows(results), "rllrrlrrrrrrrl"))
+    print()
+    print(f"best: {best.layout.short()}  zero {best.layout.zero}  micro-batch {best.layout.micro_batch} "
+          f"({best.microbatches} per step)  MFU {best.mfu:.3f}  HFU {best.hfu:.3f}")
+    print(report.breakdown(best))
+    print(report.run_summary(run, hw))
+    if args.plot:
+        print("plots: " + ", ".join(paths))
+    return 0
+
+
+def main_evaluate(argv: list[str]) -> int:
+    p = _Parser(prog="scalelm plan evaluate", description="Predict each published run of a CSV (runs or memory "
+                "schema) and report the error.")
+    p.add_argument("file", help="CSV with the runs schema (tokens_per_s_per_gpu) or memory schema (peak_mem_gib)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        kind, results, summary = evaluate_file(args.file)
+    except FileNotFoundError:
+        return _fail(f"{args.file} does not exist; pass a CSV of the runs or memory schema")
+    except (RowError, UnicodeDecodeError) as exc:
+        return _fail(f"{args.file}: {exc}")
+    if args.json:
+        print(json.dumps(to_json(kind, results, summary), indent=2))
+    else:
+        print(report.evaluate_table(kind, results))
+        print()
+        print(report.summary_line(kind, summary))
+    return 0
+
+
+def main_hw(argv: list[str]) -> int:
+    p = _Parser(prog="scalelm hw", description="List or show the hardware catalog.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="all built-in accelerators and clusters")
+    show = sub.add_parser("show", help="one hardware entry in full")
+    show.add_argument("name", help="name, TOML file, or `local`")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            entries = [(name, load_hardware(name)) for name in catalog()]
+            if local_hardware_path().exists():
+                entries.append(("local", load_hardware("local")))
+            print(report.hardware_list(entries))
+            from scalelm.perf.hardware import networks
+
+            print("\ninter-node fabrics: " + ", ".join(sorted(networks())))
+        else:
+            print(report.hardware_show(load_hardware(args.name)))
+    except HardwareError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def main_calibrate(argv: list[str]) -> int:
+    p = _Parser(prog="scalelm calibrate", description="Measure this machine (matmul by shape, memory bandwidth, "
+                "gloo collectives between local processes) and write a hardware TOML for --hardware local.")
+    p.add_argument("--out", help=f"where to write (default {local_hardware_path()})")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (~10 s)")
+    p.add_argument("--no-collectives", action="store_true", help="skip the 2-process gloo measurement")
+    args = p.parse_args(argv)
+    try:
+        from scalelm.perf.calibrate import calibrate, write_toml
+    except ImportError as exc:  # pragma: no cover - torch missing
+        return _fail(f"calibrate needs PyTorch ({exc}); pip install torch")
+    try:
+        result = calibrate(quick=args.quick, collectives=not args.no_collectives)
+    except ImportError as exc:
+        return _fail(f"calibrate needs PyTorch ({exc}); pip install torch")
+    path = write_toml(result, args.out or local_hardware_path())
+    print(f"wrote {path}")
+    print(report.hardware_show(load_hardware(str(path))))
+    return 0

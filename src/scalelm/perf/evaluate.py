@@ -1,0 +1,193 @@
+"""`scalelm plan evaluate RUNS.csv`: predict published runs and report the error.
+
+Reads the runs schema (throughput: `tokens_per_s_per_gpu`) or the memory schema (`peak_mem_gib` with
+`mem_kind`) of the shared published-run data (SCHEMA.md; column names kept). Each row becomes a
+ModelConfig, a Hardware (the row's `gpu`, `inter_node`, `gpus_per_node`), a Layout and a framework
+profile; empty optional columns take the profile's documented defaults (frameworks.py). Nothing here
+looks at a row's id, model name or target: the prediction uses only the run's description.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from scalelm.model.config import ModelConfig
+from scalelm.perf.frameworks import Framework, framework_for
+from scalelm.perf.hardware import Hardware, HardwareError, load_hardware
+from scalelm.perf.layout import Layout
+from scalelm.perf.memory import RESERVED_OVER_ALLOCATED
+from scalelm.perf.step import predict_memory, predict_step
+
+THROUGHPUT, MEMORY = "tokens_per_s_per_gpu", "peak_mem_gib"
+
+
+class RowError(ValueError):
+    """A row the model cannot predict; the message is the reason listed in the output."""
+
+
+def _int(row: dict, key: str, default=None):
+    v = (row.get(key) or "").strip()
+    if not v:
+        if default is None:
+            raise RowError(f"column {key!r} is empty and has no default")
+        return default
+    try:
+        return int(float(v))
+    except ValueError:
+        raise RowError(f"column {key!r} = {v!r} is not a number") from None
+
+
+def row_model(row: dict) -> ModelConfig:
+    """Model shape of a row. head_dim = hidden/n_heads unless a `head_dim` column says otherwise; PaLM
+    uses 256 (SCHEMA.md documents this exception)."""
+    h, nh = _int(row, "hidden"), _int(row, "n_heads")
+    mlp = (row.get("mlp") or "gelu").strip()
+    head_dim = _int(row, "head_dim", 0) or (256 if "palm" in (row.get("model") or "").lower() else None)
+    cfg = ModelConfig(vocab_size=_int(row, "vocab"), n_layer=_int(row, "n_layers"), n_head=nh,
+                      n_kv_head=_int(row, "n_kv_heads", nh), d_model=h, head_dim=head_dim,
+                      d_ff=_int(row, "ffn_hidden", 4 * h), max_seq_len=_int(row, "seq_len"),
+                      pos="rope" if mlp == "swiglu" else "sinusoidal",
+                      norm="rmsnorm" if mlp == "swiglu" else "layernorm", mlp=mlp, bias=False,
+                      tie_embeddings=bool(_int(row, "tied_embeddings", 0)))
+    if mlp not in ("gelu", "swiglu"):
+        raise RowError(f"mlp={mlp!r} is not gelu or swiglu")
+    return cfg
+
+
+def row_framework(row: dict) -> Framework:
+    return framework_for(row.get("framework") or row.get("source") or "")
+
+
+def row_hardware(row: dict) -> Hardware:
+    try:
+        hw = load_hardware((row.get("gpu") or "").strip() or "?")
+        inter = (row.get("inter_node") or "").strip() or None
+        gpn = _int(row, "gpus_per_node", 0) or None
+        n = _int(row, "n_gpus", 0)
+        if gpn is None and n:
+            gpn = min(n, hw.node.gpus_per_node)
+        return hw.with_network(inter, gpn)
+    except HardwareError as exc:
+        raise RowError(str(exc)) from None
+
+
+def row_layout(row: dict, fw: Framework, cfg: ModelConfig) -> tuple[Layout, int, int]:
+    """(layout, global batch, seq_len) with framework defaults for empty optional columns."""
+    d = fw.defaults
+    tp, pp, cp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "cp", d.get("cp", 1))
+    n = _int(row, "n_gpus")
+    dp = _int(row, "dp", 0) or n // (tp * pp * cp)
+    if dp * tp * pp * cp != n:
+        raise RowError(f"dp*tp*pp*cp = {dp}*{tp}*{pp}*{cp} != n_gpus = {n}")
+    vpp = _int(row, "vpp", d.get("vpp", 1))
+    sp_default = d.get("sequence_parallel", "tp>1")
+    sp = _int(row, "sequence_parallel", -1)
+    sp = (tp > 1) if sp < 0 and sp_default == "tp>1" else bool(sp > 0)
+    gbs = _int(row, "global_batch_seqs")
+    mb = _int(row, "micro_batch", 0) or d.get("micro_batch", 1)
+    recompute = (row.get("recompute") or "").strip() or d.get("recompute", "none")
+    precision = (row.get("precision") or "bf16").strip()
+    lo = Layout(tp=tp, pp=pp, dp=dp, cp=cp, zero=_int(row, "zero", d.get("zero", 0)), micro_batch=mb, vpp=vpp,
+                schedule="interleaved" if vpp > 1 else "1f1b", sequence_parallel=sp and tp > 1,
+                recompute=recompute, flash_attention=fw.flash_attention, precision=precision)
+    return lo, gbs, _int(row, "seq_len")
+
+
+@dataclass
+class RowResult:
+    id: str
+    predicted: float | None
+    measured: float | None
+    error_pct: float | None
+    bottleneck: str | None
+    reason: str | None = None
+    extra: dict | None = None
+
+
+def evaluate_row(row: dict, kind: str) -> RowResult:
+    rid = row.get("id", "?")
+    try:
+        measured = float(row[kind]) if (row.get(kind) or "").strip() else None
+        if measured is None or measured <= 0:
+            raise RowError(f"no measured {kind}")
+        cfg = row_model(row)
+        fw = row_framework(row)
+        hw = row_hardware(row)
+        lo, gbs, seq = row_layout(row, fw, cfg)
+        if kind == THROUGHPUT:
+            res = predict_step(cfg, hw, lo, seq, gbs, fw, strict=False)
+            pred, bottleneck = res.tokens_per_s_per_device, res.bottleneck
+            extra = {"predicted_step_time_s": round(res.step_time_s, 4), "layout": lo.short(),
+                     "framework_profile": fw.name}
+        else:
+            m = max(1, math.ceil(gbs / (lo.dp * lo.micro_batch)))
+            mem = predict_memory(cfg, hw, lo, fw, seq, m)
+            pred = mem.total / 2.0**30
+            if (row.get("mem_kind") or "allocated").strip() == "reserved":
+                pred *= RESERVED_OVER_ALLOCATED
+            bottleneck = None
+            extra = {"mem_kind": row.get("mem_kind"), "breakdown_gib": mem.gib(), "framework_profile": fw.name}
+        err = 100.0 * (pred - measured) / measured
+        return RowResult(rid, pred, measured, err, bottleneck, None, extra)
+    except (RowError, KeyError, ValueError, ZeroDivisionError) as exc:
+        meas = row.get(kind)
+        return RowResult(rid, None, float(meas) if meas and _isnum(meas) else None, None, None, str(exc))
+
+
+def _isnum(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def detect_kind(header: list[str]) -> str:
+    if THROUGHPUT in header:
+        return THROUGHPUT
+    if MEMORY in header:
+        return MEMORY
+    raise RowError(f"the file has neither a {THROUGHPUT} nor a {MEMORY} column; see SCHEMA.md for the schemas")
+
+
+def summarize(results: list[RowResult]) -> dict:
+    errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
+    if not errs:
+        return {"rows": len(results), "predicted": 0}
+    return {
+        "rows": len(results),
+        "predicted": len(errs),
+        "median_abs_error_pct": round(statistics.median(errs), 2),
+        "mean_abs_error_pct": round(statistics.fmean(errs), 2),
+        "within_10pct": round(sum(e <= 10 for e in errs) / len(errs), 4),
+        "within_20pct": round(sum(e <= 20 for e in errs) / len(errs), 4),
+        "mean_error_pct": round(statistics.fmean(r.error_pct for r in results if r.error_pct is not None), 2),
+    }
+
+
+def evaluate_file(path: str | Path) -> tuple[str, list[RowResult], dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        kind = detect_kind(reader.fieldnames or [])
+        rows = list(reader)
+    results = [evaluate_row(r, kind) for r in rows]
+    return kind, results, summarize(results)
+
+
+def to_json(kind: str, results: list[RowResult], summary: dict) -> dict:
+    pk, mk = (("predicted_tokens_per_s_per_gpu", "measured_tokens_per_s_per_gpu") if kind == THROUGHPUT
+              else ("predicted_peak_mem_gib", "measured_peak_mem_gib"))
+    rows = []
+    for r in results:
+        d = {"id": r.id, pk: None if r.predicted is None else round(r.predicted, 3), mk: r.measured,
+             "error_pct": None if r.error_pct is None else round(r.error_pct, 2), "bottleneck": r.bottleneck}
+        if r.reason:
+            d["reason"] = r.reason
+        if r.extra:
+            d.update(r.extra)
+        rows.append(d)
+    return {"kind": "throughput" if kind == THROUGHPUT else "memory", "rows": rows, "summary": summary}

@@ -1,0 +1,308 @@
+"""The step model: time and memory of one optimizer step for a model, a layout and a cluster.
+
+`predict_step` is a pure function; the planner, `plan evaluate` and the trainer call it. The step of the
+busiest pipeline stage is the sum of what cannot overlap:
+
+    step = m·(t_f + t_b)                     compute of m micro-batches (GEMMs, attention, elementwise,
+                                             recompute, exposed TP/CP collectives)
+         + bubble(schedule, p, m, v)·m·(t_f + t_b)                  (pipeline.py)
+         + exposed p2p + exposed DP/FSDP collectives + optimizer step
+
+Time components carry their names into `time_s`; the largest one names the bottleneck.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from scalelm.model.config import ModelConfig
+from scalelm.model.counting import block_params, embedding_params, flops_per_token, num_params
+from scalelm.perf import comm, compute
+from scalelm.perf.flops import (
+    attention_core_flops,
+    causal_fraction,
+    elementwise_bytes_per_token,
+    head_gemm,
+    layer_gemms,
+    logits_bytes_per_token,
+    softmax_bytes_per_token,
+)
+from scalelm.perf.frameworks import PROFILES, Framework
+from scalelm.perf.hardware import Hardware
+from scalelm.perf.layout import Layout, check_layout
+from scalelm.perf.memory import (
+    ALLOCATOR_MARGIN,
+    MemoryBreakdown,
+    layer_activation_bytes,
+    zero_model_state_bytes,
+)
+from scalelm.perf.pipeline import bubble_fraction, in_flight_microbatches
+
+GIB = 2.0**30
+OPTIMIZER_BYTES_PER_PARAM = 34.0
+"""Adam step + grad-norm clipping, per parameter: read fp32 weight, grad, m, v (16), write weight, m, v
+(12), write the bf16 copy (2), read the grad again for the norm (4)."""
+COMM_BUFFER_BYTES = 0.5 * GIB
+"""NCCL channels, cuBLAS workspaces and DDP buckets, per process (order of 0.3-1 GiB in practice)."""
+
+
+@dataclass
+class StepResult:
+    step_time_s: float
+    tokens_per_s_per_device: float
+    mfu: float
+    hfu: float
+    peak_mem_gib: float
+    fits: bool
+    bottleneck: str
+    time_s: dict[str, float] = field(default_factory=dict)
+    """Exposed seconds per component; they sum to step_time_s."""
+    hidden_s: dict[str, float] = field(default_factory=dict)
+    """Communication seconds hidden behind compute."""
+    memory: MemoryBreakdown | None = None
+    layout: Layout | None = None
+    microbatches: int = 1
+
+    def memory_gib(self) -> dict[str, float]:
+        return self.memory.gib() if self.memory else {}
+
+
+def _act_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq: int) -> dict[str, float]:
+    """Forward/backward seconds of one layer and of the head for one micro-batch on one device."""
+    tp, cp, mb = lo.tp, lo.cp, lo.micro_batch
+    s_loc = seq // cp
+    tokens = mb * s_loc
+    dtype = lo.precision
+    act = _act_bytes(dtype)
+    gemm_dtype = "fp8" if dtype == "fp8" else ("fp32" if dtype == "fp32" else "bf16")
+    f_g = b_g = cast_f = cast_b = 0.0
+    for g in layer_gemms(cfg, tokens, tp):
+        f, b = compute.gemm_fwd_bwd_s(g, hw, gemm_dtype)
+        f_g, b_g = f_g + f, b_g + b
+        if dtype == "fp8":
+            cast_f += fw.fp8_cast_bytes * (g.m * g.k + g.k * g.n)
+            cast_b += fw.fp8_cast_bytes * g.m * g.n
+    flash = lo.flash_attention and fw.flash_attention
+    square = attention_core_flops(cfg, mb, seq, tp, cp)
+    if flash:
+        attn_f, attn_b = compute.flash_attention_s(square, causal_fraction(seq), cfg.dim_head, hw)
+        scores_f = 0.0
+    else:
+        heads = mb * cfg.n_head // tp
+        qk = compute.gemm_time_s(s_loc * heads, seq, cfg.dim_head, hw, gemm_dtype)
+        pv = compute.gemm_time_s(s_loc * heads, cfg.dim_head, seq, hw, gemm_dtype)
+        qk_b = compute.gemm_time_s(s_loc * heads, cfg.dim_head, seq, hw, gemm_dtype) * 2
+        pv_b = compute.gemm_time_s(s_loc * heads, seq, cfg.dim_head, hw, gemm_dtype) * 2
+        scores_f = compute.memory_bound_s(softmax_bytes_per_token(cfg, seq, fw.dropout) * tokens / tp, hw)
+        attn_f, attn_b = qk + pv + scores_f, qk_b + pv_b + 1.2 * scores_f
+    ew = elementwise_bytes_per_token(cfg, act, fw.fused_norm) * tokens * fw.elementwise_factor
+    repl = 10 * cfg.d_model * act * tokens * fw.elementwise_factor
+    ew = ew / tp if lo.sequence_parallel else repl + (ew - repl) / tp
+    ew_f = compute.memory_bound_s(ew + cast_f, hw)
+    ew_b = compute.memory_bound_s(2 * ew + cast_b, hw)
+    layer_f = f_g + attn_f + ew_f
+    layer_b = b_g + attn_b + ew_b
+    if lo.recompute == "full":
+        recompute = layer_f
+    elif lo.recompute == "selective" and fw.selective_kind == "op":
+        recompute = 0.5 * f_g + ew_f
+    elif lo.recompute == "selective" and not flash:
+        recompute = attn_f
+    else:
+        recompute = 0.0
+    hf, hb = compute.gemm_fwd_bwd_s(head_gemm(cfg, tokens, tp), hw, gemm_dtype)
+    loss = compute.memory_bound_s(logits_bytes_per_token(cfg) * tokens / tp * (0.5 if fw.fused_cross_entropy else 1), hw)
+    # Tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter with SP) of the
+    # activations per layer in the forward, 2 in the backward, 2 more in a full-recompute forward.
+    tp_msg = tokens * cfg.d_model * act
+    rpn = min(tp, hw.node.gpus_per_node)
+    tp_ar = comm.all_reduce_s(tp_msg, tp, hw, rpn) if tp > 1 else 0.0
+    n_ar = 4 + (2 if lo.recompute == "full" else 0)
+    tp_total = n_ar * tp_ar
+    # Context parallel: ring attention passes K and V chunks around the cp ranks, overlapped with attention.
+    cp_f = cp_b = 0.0
+    if cp > 1:
+        kv_bytes = 2 * tokens * cfg.kv_heads * cfg.dim_head * act / max(1, min(tp, cfg.kv_heads))
+        link = comm.group_link(hw, cp, max(1, min(cp, hw.node.gpus_per_node // tp)))
+        ring = (cp - 1) * (link.alpha_s + kv_bytes / link.beta_bytes_s)
+        cp_f, cp_b = max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
+    return {"layer_f": layer_f, "layer_b": layer_b + recompute, "recompute": recompute, "gemm": f_g + b_g,
+                "attn": attn_f + attn_b, "ew": ew_f + ew_b, "head_f": hf + loss / 3, "head_b": hb + 2 * loss / 3,
+                "tp_exposed": tp_total * (1 - fw.tp_overlap), "tp_hidden": tp_total * fw.tp_overlap,
+                "cp": cp_f + cp_b, "tokens": tokens, "act": act, "n_ar": n_ar}
+
+
+def _stage_params(cfg: ModelConfig, lo: Layout) -> tuple[float, float]:
+    """(parameters on the busiest stage per TP rank, parameters of one layer per TP rank)."""
+    layers = math.ceil(cfg.n_layer / lo.pp)
+    per_layer = block_params(cfg) / lo.tp
+    emb = embedding_params(cfg) / lo.tp
+    if lo.pp > 1 and not cfg.tie_embeddings:
+        emb /= 2
+    return layers * per_layer + emb, max(per_layer, cfg.vocab_size * cfg.d_model / lo.tp)
+
+
+def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, global_batch: int,
+                 framework: Framework | None = None, strict: bool = True, cache: dict | None = None) -> StepResult:
+    """Time, memory, MFU and bottleneck of one training step (global_batch sequences of seq_len tokens).
+
+    `strict=False` lets the micro-batch not divide the per-replica batch (Composer-style: the last
+    micro-batch is partial, counted as a full one). `cache` (a dict the caller keeps for one model and
+    hardware) reuses per-layer kernel times across layouts that differ only in pp, dp or ZeRO.
+    """
+    lo = layout
+    fw = framework or PROFILES["scalelm"]
+    if strict:
+        check_layout(cfg, lo, lo.world, global_batch, seq_len)
+    m = max(1, math.ceil(global_batch / (lo.dp * lo.micro_batch)))
+    key = (lo.tp, lo.cp, lo.micro_batch, lo.sequence_parallel, lo.recompute, lo.precision, lo.flash_attention)
+    if cache is not None and key in cache:
+        st = cache[key]
+    else:
+        st = _stage_times(cfg, hw, lo, fw, seq_len)
+        if cache is not None:
+            cache[key] = st
+    layers = math.ceil(cfg.n_layer / lo.pp)
+    tp_fwd_share = 2 / st["n_ar"]
+    per_layer_f = st["layer_f"] + st["tp_exposed"] * tp_fwd_share
+    per_layer_b = st["layer_b"] + st["tp_exposed"] * (1 - tp_fwd_share) + st["cp"]
+    t_f = layers * per_layer_f + st["head_f"]
+    t_b = layers * per_layer_b + st["head_b"]
+    busy = m * (t_f + t_b)
+    schedule = "interleaved" if lo.vpp > 1 and lo.schedule == "1f1b" else lo.schedule
+    bubble = bubble_fraction(schedule, lo.pp, m, lo.vpp) * busy
+    # Pipeline p2p: one activation tensor each way per micro-batch and chunk; scatter-gather over TP.
+    p2p = 0.0
+    if lo.pp > 1:
+        msg = st["tokens"] * cfg.d_model * st["act"] / lo.tp
+        inter = lo.tp * lo.cp * lo.dp >= hw.node.gpus_per_node
+        p2p = 2 * (m * lo.vpp + lo.pp - 1) * comm.p2p_s(msg, hw, inter) * (1 - fw.pp_overlap)
+    # Data-parallel gradient (and ZeRO parameter) traffic over dp x cp replicas of this stage.
+    psi_stage, psi_layer = _stage_params(cfg, lo)
+    n_rep = lo.dp * lo.cp
+    rpn = max(1, min(n_rep, hw.node.gpus_per_node // lo.tp))
+    shard = lo.shard if lo.zero >= 1 else 1
+    dp_exposed = dp_hidden = 0.0
+    if n_rep > 1:
+        grad_wire = psi_stage * fw.grad_comm_bytes
+        if lo.zero == 3:
+            ag = comm.all_gather_s(psi_stage * 2, shard, hw, min(rpn, shard))
+            rs = comm.all_gather_s(grad_wire, shard, hw, min(rpn, shard))
+            regather = fw.reshard_after_forward and lo.pp == 1
+            per_sync = ag * (2 if regather else 1) + rs
+            syncs = m if (fw.fsdp_comm_per_microbatch and lo.pp == 1) else 1
+            total = syncs * per_sync
+            if shard < n_rep:
+                total += comm.all_reduce_s(grad_wire / shard, n_rep // shard, hw, 1)
+            window = busy * fw.fsdp_overlap
+            dp_exposed = max(0.0, total - window) + ag / max(1, layers)
+        else:
+            total = comm.all_reduce_s(grad_wire, n_rep, hw, rpn)
+            window = t_b * fw.dp_overlap
+            dp_exposed = max(0.0, total - window)
+        dp_hidden = total - dp_exposed
+    opt_params = psi_stage / shard
+    if lo.offload:
+        optimizer = opt_params * 2 * 4 / (hw.node.pcie_gb_s * 1e9) + opt_params * OPTIMIZER_BYTES_PER_PARAM / 50e9
+    else:
+        optimizer = compute.memory_bound_s(opt_params * OPTIMIZER_BYTES_PER_PARAM, hw)
+    step = busy + bubble + p2p + dp_exposed + optimizer + fw.step_overhead_s
+
+    # ---- breakdown and bottleneck -----------------------------------------------------------------------
+    scale = m * layers
+    tp_exp = scale * st["tp_exposed"]
+    time_s = {
+        "compute": scale * (st["gemm"] + st["attn"] + st["recompute"]) + m * (st["head_f"] + st["head_b"]),
+        "memory_bw": scale * st["ew"],
+        "tp_comm": tp_exp,
+        "cp_comm": scale * st["cp"],
+        "pp_bubble": bubble,
+        "pp_comm": p2p,
+        "dp_comm": dp_exposed,
+        "optimizer": optimizer,
+        "overhead": fw.step_overhead_s,
+    }
+    # The compute/memory split above is an attribution of `busy`; rescale so the parts sum to the step.
+    parts = sum(time_s.values())
+    if parts > 0:
+        time_s = {k: v * step / parts for k, v in time_s.items()}
+    hidden = {"tp_comm": scale * st["tp_hidden"], "dp_comm": dp_hidden}
+
+    mem = predict_memory(cfg, hw, lo, fw, seq_len, m, psi_stage, psi_layer)
+    hbm = hw.accelerator.hbm_gib * GIB
+    fits = mem.total <= hbm
+    n_dev = lo.world
+    tok_s = global_batch * seq_len / step / n_dev
+    peak = hw.accelerator.peak_flops("fp32" if lo.precision == "fp32" else "bf16")
+    fpt = flops_per_token(cfg, seq_len)
+    mfu = tok_s * fpt / peak
+    extra = 1.0 + (1 / 3 if lo.recompute == "full" else 0.0)
+    hfu = mfu * extra
+    if not fits:
+        bottleneck = "memory capacity"
+    else:
+        names = {"compute": "compute", "memory_bw": "memory bandwidth", "tp_comm": "TP communication",
+                 "cp_comm": "CP communication", "pp_bubble": "pipeline bubble", "pp_comm": "PP communication",
+                 "dp_comm": "DP communication", "optimizer": "memory bandwidth", "overhead": "framework overhead"}
+        bottleneck = names[max(time_s, key=time_s.get)]
+    return StepResult(step, tok_s, mfu, hfu, mem.total / GIB, fits, bottleneck, time_s, hidden, mem, lo, m)
+
+
+def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq_len: int, m: int,
+                   psi_stage: float | None = None, psi_layer: float | None = None) -> MemoryBreakdown:
+    """Peak bytes on the busiest device (first pipeline stage holds most activations, last the logits)."""
+    if psi_stage is None or psi_layer is None:
+        psi_stage, psi_layer = _stage_params(cfg, lo)
+    shard = lo.shard if lo.zero >= 1 else 1
+    states = zero_model_state_bytes(psi_stage, lo.zero, shard, k=12, grad_bytes=fw.grad_bytes)
+    if lo.offload:
+        states["optimizer"] = 0.0
+    s_loc = seq_len // lo.cp
+    flash = lo.flash_attention and fw.flash_attention
+    per_layer = layer_activation_bytes(cfg, s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, lo.recompute,
+                                       flash, fw.dropout, fw.selective_kind)
+    layers = math.ceil(cfg.n_layer / lo.pp)
+    schedule = "interleaved" if lo.vpp > 1 and lo.schedule == "1f1b" else lo.schedule
+    in_flight = in_flight_microbatches(schedule, lo.pp, m, lo.vpp)
+    working = 0.0
+    if lo.recompute != "none":
+        # Backward of a recomputed layer rebuilds its full activations once.
+        # Backward of a recomputed layer rebuilds its full activations once, plus gradients of about
+        # half of them alive at a time; with SP the all-gathered layer input and its gradient are full size.
+        working = 1.5 * layer_activation_bytes(cfg, s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, "none",
+                                               flash, fw.dropout)
+        if lo.sequence_parallel:
+            working += 2 * 2 * s_loc * lo.micro_batch * cfg.d_model
+    if lo.precision == "fp8":
+        per_layer *= 0.9  # fp8 copies of saved GEMM inputs replace some bf16 ones (torchao float8)
+    first = per_layer * layers * in_flight + working
+    tokens = lo.micro_batch * s_loc
+    logits = tokens * cfg.vocab_size / lo.tp * (6.0 if fw.fused_cross_entropy else 10.0)
+    last_act = per_layer * layers * 1 + working
+    if lo.pp == 1:
+        acts, logit_bytes, stage = first, logits, "only"
+    elif first >= last_act + logits:
+        acts, logit_bytes, stage = first, 0.0, "first"
+    else:
+        acts, logit_bytes, stage = last_act, logits, "last"
+    buffers = COMM_BUFFER_BYTES
+    if lo.zero == 3:
+        if fw.reshard_after_forward and lo.pp == 1:
+            buffers += psi_layer * (2 * 2 + 4)  # two unsharded bf16 layers (prefetch) + one fp32 layer gradient
+        else:
+            # No reshard after forward (torchtitan with PP): the stage's bf16 weights stay gathered, and
+            # with gradients reduced once per step the unsharded fp32 gradients accumulate over micro-batches.
+            buffers += psi_stage * 2 + (psi_stage * 4 if m > 1 else psi_layer * 4)
+    subtotal = states["params"] + states["grads"] + states["optimizer"] + acts + logit_bytes + buffers
+    return MemoryBreakdown(states["params"], states["grads"], states["optimizer"], acts, logit_bytes, buffers,
+                           ALLOCATOR_MARGIN * subtotal, stage)
+
+
+def total_params(cfg: ModelConfig) -> int:
+    """The closed-form count the step model uses, identical to the PyTorch model's num_params()."""
+    return num_params(cfg)

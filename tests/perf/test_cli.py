@@ -1,0 +1,86 @@
+"""CLI behaviour: output, JSON, and one-line errors with exit code 2."""
+
+import json
+
+import pytest
+
+from scalelm.perf.cli import main_calibrate, main_hw, main_plan
+
+
+def _run(fn, argv, capsys):
+    rc = fn(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_plan_prints_a_table(capsys):
+    rc, out, _err = _run(main_plan, ["--model", "gpt3-1.3b", "--gpu", "a100-80gb", "--gpus", "16",
+                                    "--global-batch", "64", "--top", "3"], capsys)
+    assert rc == 0 and "tok/s/dev" in out and "bottleneck" in out and "Young/Daly" in out
+
+
+def test_plan_json(capsys):
+    rc, out, _ = _run(main_plan, ["--model", "gpt2-124m", "--gpus", "8", "--json", "--top", "2"], capsys)
+    data = json.loads(out)
+    assert rc == 0 and len(data["layouts"]) == 2 and "run" in data
+    assert data["layouts"][0]["peak_mem_gib"] > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "gpt9"], "unknown model preset"),
+    (["--model", "gpt3-13b", "--gpu", "a100-81gb"], "did you mean 'a100-80gb'"),
+    (["--model", "gpt3-13b", "--gpus", "8", "--tp", "3", "--pp", "1"], "does not divide n_head"),
+    (["--model", "gpt3-13b", "--gpus", "8", "--tp", "4", "--pp", "4"], "devices"),
+    (["--model", "gpt3-175b", "--gpus", "8", "--global-batch", "8"], "no layout"),
+    (["--model", "gpt2-124m", "--hardware", "no-such-file.toml"], "does not exist"),
+])
+def test_plan_errors_are_one_line(argv, needle, capsys):
+    rc, _out, err = _run(main_plan, argv, capsys)
+    assert rc == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_plan(["--gpus", "many"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_evaluate_json_and_missing_file(capsys):
+    rc, out, _ = _run(main_plan, ["evaluate", "tests/perf/data/dev_memory.csv", "--json"], capsys)
+    data = json.loads(out)
+    assert rc == 0 and data["rows"][0]["predicted_peak_mem_gib"] > 0
+    rc, _, err = _run(main_plan, ["evaluate", "missing.csv"], capsys)
+    assert rc == 2 and err.startswith("error: ")
+
+
+def test_hw_list_and_show(capsys):
+    rc, out, _ = _run(main_hw, ["list"], capsys)
+    assert rc == 0 and "a100-80gb" in out and "tpu-v4" in out
+    rc, out, _ = _run(main_hw, ["show", "h100-sxm-80gb"], capsys)
+    assert rc == 0 and "989.4" in out
+    rc, _, err = _run(main_hw, ["show", "z100"], capsys)
+    assert rc == 2 and err.startswith("error: ")
+
+
+def test_plan_with_a_calibrated_file(tmp_path, capsys, monkeypatch):
+    """`--hardware local` reads the calibrate output from the cache directory (file written by hand here)."""
+    from scalelm.perf.calibrate import write_toml
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = {"matmul": {"peak_tflops": 0.1, "k_overhead": 32.0, "kernel_overhead_us": 5.0,
+                         "shapes": [{"m": 8, "n": 8, "k": 8, "tflops": 0.1}]},
+              "bf16_tflops": 0.05, "memory_tb_s": 0.01, "attention": 0.3,
+              "collectives": {"latency_us": 40.0, "bandwidth_gb_s": 2.0}, "ram_gib": 8.0, "threads": 2, "cpus": 2,
+              "machine": "test", "torch": "x"}
+    write_toml(result, tmp_path / "scalelm" / "hardware" / "local.toml")
+    rc, out, err = _run(main_plan, ["--model", "tiny", "--hardware", "local", "--gpus", "2", "--seq", "64",
+                                    "--global-batch", "8", "--precision", "fp32"], capsys)
+    assert rc == 0, err
+    assert "local" in out
+
+
+def test_calibrate_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_calibrate(["--help"])
+    assert exc.value.code == 0

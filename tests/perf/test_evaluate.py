@@ -1,0 +1,71 @@
+"""`plan evaluate` against the published runs (acceptance 1) and its row handling."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from scalelm.perf.evaluate import MEMORY, THROUGHPUT, evaluate_file, evaluate_row, to_json
+from scalelm.perf.hardware import load_hardware, load_network
+
+DATA = Path(__file__).with_name("data")
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return evaluate_file(DATA / "dev_runs.csv")
+
+
+def test_dev_runs_accuracy(runs):
+    kind, _results, summary = runs
+    assert kind == THROUGHPUT and summary["predicted"] == summary["rows"] == 167
+    assert summary["median_abs_error_pct"] <= 7.0
+    assert summary["within_10pct"] >= 0.75
+
+
+def test_dev_memory_accuracy():
+    kind, _results, summary = evaluate_file(DATA / "dev_memory.csv")
+    assert kind == MEMORY and summary["predicted"] == 20
+    assert summary["median_abs_error_pct"] <= 10.0
+
+
+def test_json_shape(runs):
+    out = to_json(*runs)
+    row = out["rows"][0]
+    for key in ("id", "predicted_tokens_per_s_per_gpu", "measured_tokens_per_s_per_gpu", "error_pct", "bottleneck"):
+        assert key in row
+    r = runs[1][0]
+    assert row["error_pct"] == pytest.approx(100 * (r.predicted - r.measured) / r.measured, abs=0.01)
+    assert set(out["summary"]) >= {"median_abs_error_pct", "mean_abs_error_pct", "within_10pct"}
+
+
+def test_every_hardware_key_of_the_schema_is_recognized():
+    for gpu in ("v100-32gb", "a100-40gb", "a100-80gb", "a100-unspecified", "h100-sxm-80gb", "h100-96gb-500w",
+                "h200-141gb", "gb200", "b200", "mi300x", "tpu-v3", "tpu-v4"):
+        assert load_hardware(gpu).network.key  # each device also names its usual fabric
+    for net in ("ib-hdr-4x200", "ib-hdr-8x200", "ib-ndr-8x400", "opa-4x100", "rdma-8x400", "roce-1600", "roce-3200"):
+        assert load_network(net).node_total_gbps > 0
+
+
+def _first_row():
+    with open(DATA / "dev_runs.csv", newline="") as f:
+        return next(csv.DictReader(f))
+
+
+def test_row_that_cannot_be_predicted_gets_a_reason():
+    row = dict(_first_row(), gpu="a100-81gb")
+    res = evaluate_row(row, THROUGHPUT)
+    assert res.error_pct is None and "a100-81gb" in res.reason
+
+
+def test_empty_optional_columns_take_framework_defaults():
+    row = dict(_first_row(), micro_batch="", vpp="", sequence_parallel="", inter_node="")
+    res = evaluate_row(row, THROUGHPUT)
+    assert res.error_pct is not None
+
+
+def test_unknown_schema_is_an_error(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="tokens_per_s_per_gpu"):
+        evaluate_file(p)

@@ -1,0 +1,167 @@
+"""Pinned closed forms: Narayanan 2021 FLOPs, Korthikanti 2022 Table 2, ZeRO model states, collectives,
+pipeline bubbles, Young/Daly. Numbers here are the papers' formulas evaluated by hand."""
+
+import math
+
+import pytest
+
+from scalelm.model.config import ModelConfig
+from scalelm.model.counting import forward_flops_per_token
+from scalelm.perf import comm
+from scalelm.perf.flops import (
+    Gemm,
+    attention_core_flops,
+    causal_fraction,
+    head_gemm,
+    korthikanti_model_flops,
+    layer_gemms,
+    narayanan_flops_per_iteration,
+)
+from scalelm.perf.hardware import load_hardware
+from scalelm.perf.memory import korthikanti_activation_bytes, layer_activation_bytes, zero_model_state_bytes
+from scalelm.perf.pipeline import bubble_fraction, in_flight_microbatches, timeline
+from scalelm.perf.run import goodput, young_daly_interval_s
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------------------
+def test_narayanan_eq3_closed_form():
+    b, s, l, h, v = 512, 2048, 24, 2304, 51200
+    expected = 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    assert narayanan_flops_per_iteration(b, s, l, h, v) == pytest.approx(expected, rel=1e-12)
+
+
+def test_narayanan_table1_row1_throughput():
+    # Table 1, 1.7B: 137 TFLOP/s per GPU on 32 GPUs, batch 512 -> 9,288 tokens/s per GPU (dev_runs.csv).
+    flops = narayanan_flops_per_iteration(512, 2048, 24, 2304, 51200)
+    tokens_per_s_per_gpu = 137e12 / (flops / (512 * 2048))
+    assert tokens_per_s_per_gpu == pytest.approx(9287.93, rel=1e-4)
+
+
+def test_korthikanti_model_flops_is_three_passes():
+    b, s, l, h, v = 1, 2048, 96, 12288, 51200
+    assert korthikanti_model_flops(b, s, l, h, v) == pytest.approx(
+        narayanan_flops_per_iteration(b, s, l, h, v, recompute=False), rel=1e-12)
+    assert narayanan_flops_per_iteration(b, s, l, h, v) / korthikanti_model_flops(b, s, l, h, v) < 4 / 3
+
+
+def test_gemm_shapes_add_up_to_counting_forward_flops():
+    cfg = ModelConfig(vocab_size=1000, n_layer=3, n_head=8, n_kv_head=2, d_model=256, d_ff=512, mlp="swiglu")
+    t, seq = 64, 64
+    per_token = sum(g.flops for g in layer_gemms(cfg, t, 1)) / t * cfg.n_layer + head_gemm(cfg, t, 1).flops / t
+    per_token += attention_core_flops(cfg, 1, seq) / seq * cfg.n_layer
+    assert per_token == pytest.approx(forward_flops_per_token(cfg, seq), rel=1e-12)
+    # TP splits every layer GEMM evenly.
+    assert sum(g.flops for g in layer_gemms(cfg, t, 2)) * 2 == sum(g.flops for g in layer_gemms(cfg, t, 1))
+    assert Gemm("x", 2, 3, 4).flops == 48
+
+
+def test_causal_fraction():
+    assert causal_fraction(128 * 1000) == pytest.approx(0.5005)
+    assert causal_fraction(128) == 1.0
+
+
+# ---- Korthikanti 2022, Table 2 ----------------------------------------------------------------------------
+S, B, H, A, T = 2048, 1, 12288, 96, 8
+
+
+@pytest.mark.parametrize("sp,recompute,expected", [
+    (False, "none", S * B * H * (10 + 24 / T + 5 * A * S / (H * T))),
+    (True, "none", S * B * H * (34 / T + 5 * A * S / (H * T))),
+    (False, "selective", S * B * H * (10 + 24 / T)),
+    (True, "selective", S * B * H * 34 / T),
+    (False, "full", 2 * S * B * H),
+])
+def test_korthikanti_table2(sp, recompute, expected):
+    assert korthikanti_activation_bytes(S, B, H, A, T, sp, recompute) == pytest.approx(expected)
+
+
+def test_korthikanti_no_parallelism():
+    assert korthikanti_activation_bytes(S, B, H, A) == pytest.approx(S * B * H * (34 + 5 * A * S / H))
+
+
+@pytest.mark.parametrize("sp,recompute", [(False, "none"), (True, "none"), (False, "selective"), (True, "selective")])
+def test_general_activation_model_reduces_to_table2_for_gpt(sp, recompute):
+    gpt = ModelConfig(vocab_size=51200, n_layer=96, n_head=A, d_model=H, mlp="gelu", pos="learned", max_seq_len=S)
+    ours = layer_activation_bytes(gpt, S, B, T, sp, recompute, flash=False, dropout=True)
+    assert ours == pytest.approx(korthikanti_activation_bytes(S, B, H, A, T, sp, recompute))
+
+
+@pytest.mark.parametrize("name,h,a,layers,b,gb", [
+    # Korthikanti Table 3 configurations (t = 8, s = 2048); per-GPU activations of the first pipeline stage
+    # (1F1B holds p micro-batches of L/p layers = L layers), tensor + sequence parallel + selective.
+    ("22B", 6144, 64, 48, 4, 10.27), ("175B", 12288, 96, 96, 1, 10.27),
+    ("530B", 20480, 128, 105, 1, 18.72), ("1T", 25600, 160, 128, 1, 28.52),
+])
+def test_korthikanti_per_gpu_figures(name, h, a, layers, b, gb):
+    sel_sp = layers * korthikanti_activation_bytes(2048, b, h, a, 8, True, "selective") / 1e9
+    base = layers * korthikanti_activation_bytes(2048, b, h, a, 8, False, "none") / 1e9
+    assert sel_sp == pytest.approx(gb, abs=0.01)
+    # The paper's headline: SP + selective cut activation memory ~5x against tensor parallelism alone.
+    assert 3.0 < base / sel_sp < 6.5
+
+
+# ---- ZeRO (Rajbhandari et al. 2020, Fig. 1: Psi = 7.5B, N = 64, K = 12) -----------------------------------
+@pytest.mark.parametrize("stage,gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_model_states(stage, gb):
+    parts = zero_model_state_bytes(7.5e9, stage, 64)
+    assert sum(parts.values()) / 1e9 == pytest.approx(gb, abs=0.06)
+
+
+# ---- collectives --------------------------------------------------------------------------------------------
+def test_ring_and_tree_costs():
+    link = comm.Link(alpha_s=1e-5, beta_bytes_s=1e11, inter_node=True)
+    s, n = 1e9, 16
+    assert comm.ring_all_reduce_s(s, n, link) == pytest.approx(2 * 15 * 1e-5 + 2 * 15 / 16 * s / 1e11)
+    assert comm.ring_all_gather_s(s, n, link) == pytest.approx(15 * 1e-5 + 15 / 16 * s / 1e11)
+    assert comm.tree_all_reduce_s(s, n, link) == pytest.approx(2 * 4 * 1e-5 + 2 * 15 / 16 * s / 1e11)
+    # Small messages: the tree's log-depth latency wins; one rank costs nothing.
+    assert comm.tree_all_reduce_s(1e3, 1024, link) < comm.ring_all_reduce_s(1e3, 1024, link)
+    assert comm.ring_all_reduce_s(s, 1, link) == 0.0
+
+
+def test_group_link_uses_nvlink_inside_a_node_and_shared_nics_across():
+    hw = load_hardware("a100-80gb")
+    intra = comm.group_link(hw, 8, 8)
+    assert not intra.inter_node and intra.beta_bytes_s == pytest.approx(300e9 * 0.78)
+    full_nodes = comm.group_link(hw, 64, 8)  # 8 ranks per node use all 8 NICs
+    one_per_node = comm.group_link(hw, 64, 1)  # one rank per node shares with 7 other groups
+    assert full_nodes.beta_bytes_s == pytest.approx(200e9 * 0.9)
+    assert one_per_node.beta_bytes_s == pytest.approx(200e9 * 0.9 / 8)
+
+
+def test_parameter_server_loses_to_all_reduce_at_scale():
+    hw = load_hardware("a100-80gb")
+    grads = 2 * 1.3e9
+    ar = comm.all_reduce_s(grads, 64, hw, 1)
+    assert comm.parameter_server_s(grads, 64, 1, hw) > 10 * ar
+    assert comm.parameter_server_s(grads, 128, 1, hw) == pytest.approx(2 * comm.parameter_server_s(grads, 64, 1, hw), rel=0.01)
+
+
+# ---- pipeline ------------------------------------------------------------------------------------------------
+def test_bubble_fractions():
+    assert bubble_fraction("1f1b", 8, 32) == pytest.approx(7 / 32)
+    assert bubble_fraction("gpipe", 8, 32) == pytest.approx(7 / 32)
+    assert bubble_fraction("interleaved", 8, 32, v=4) == pytest.approx(7 / 128)
+    assert bubble_fraction("zb-h1", 8, 32) == pytest.approx(bubble_fraction("1f1b", 8, 32) * 2 / 3)
+    assert bubble_fraction("zb-h2", 8, 32) == 0.0
+    assert bubble_fraction("1f1b", 1, 4) == 0.0
+    assert in_flight_microbatches("gpipe", 4, 16) == 16
+    assert in_flight_microbatches("1f1b", 4, 16) == 4
+    assert in_flight_microbatches("interleaved", 4, 16, 2) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_timeline_reproduces_the_1f1b_bubble():
+    p, m = 4, 8
+    blocks = timeline("1f1b", p, m)
+    end = max(start + dur for _, start, dur, _, _ in blocks)
+    busy = m * 3.0
+    assert (end - busy) / busy == pytest.approx(bubble_fraction("1f1b", p, m))
+
+
+# ---- reliability ---------------------------------------------------------------------------------------------
+def test_young_daly():
+    d, m = 60.0, 36000.0
+    young = math.sqrt(2 * d * m)
+    tau = young_daly_interval_s(d, m)
+    assert young * 0.97 < tau < young * 1.03
+    assert 0.9 < goodput(d, tau, m, restart_s=600) < 1.0

@@ -73,7 +73,8 @@ def test_plan_with_a_calibrated_file(tmp_path, capsys, monkeypatch):
               "bf16_tflops": 0.05, "memory_tb_s": 0.01, "attention": 0.3,
               "collectives": {"latency_us": 40.0, "bandwidth_gb_s": 2.0}, "ram_gib": 8.0, "threads": 2, "cpus": 2,
               "machine": "test", "torch": "x"}
-    write_toml(result, tmp_path / "scalelm" / "hardware" / "local.toml")
+    path = write_toml(result, tmp_path / "scalelm" / "hardware" / "local.toml")
+    assert "threads = 2" in path.read_text()  # [calibration]: which thread count the file is valid for
     rc, out, err = _run(main_plan, ["--model", "tiny", "--hardware", "local", "--gpus", "2", "--seq", "64",
                                     "--global-batch", "8", "--precision", "fp32"], capsys)
     assert rc == 0, err
@@ -84,3 +85,34 @@ def test_calibrate_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as exc:
         main_calibrate(["--help"])
     assert exc.value.code == 0
+
+
+def test_closed_pipe_exits_quietly(monkeypatch):
+    """`scalelm plan ... | head`: the reader goes away; no traceback, exit 0."""
+
+    class ClosedPipe:
+        def write(self, _text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main_hw(["list"]) == 0
+    assert main_plan(["evaluate", "tests/perf/data/dev_memory.csv"]) == 0
+
+
+def test_human_units():
+    from scalelm.perf.report import human_duration, human_energy, human_mass, human_usd
+
+    assert [human_duration(s) for s in (30, 90, 7200, 3 * 86400)] == ["30 s", "1.5 min", "2 hours", "3 days"]
+    assert [human_energy(k) for k in (0.5, 12, 8030)] == ["500 Wh", "12 kWh", "8.03 MWh"]
+    assert [human_mass(k) for k in (0.0892, 5, 3130)] == ["89.2 g", "5 kg", "3.13 t"]
+    assert [human_usd(u) for u in (0.531, 17867.2)] == ["$0.53", "$17,867"]
+
+
+def test_short_run_summary_uses_small_units(capsys):
+    rc, out, _ = _run(main_plan, ["--model", "gpt2-124m", "--gpus", "8", "--tokens", "1e8", "--top", "1"], capsys)
+    assert rc == 0
+    assert "0.0 days" not in out and "0.0 MWh" not in out and "0.0 t" not in out
+    assert " min wall" in out and " Wh " in out and " g CO2e" in out

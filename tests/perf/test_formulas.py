@@ -165,3 +165,31 @@ def test_young_daly():
     tau = young_daly_interval_s(d, m)
     assert young * 0.97 < tau < young * 1.03
     assert 0.9 < goodput(d, tau, m, restart_s=600) < 1.0
+
+
+def test_fsdp_zero3_states_are_16_bytes_per_parameter_deepspeed_18():
+    """FSDP's fp32 shard is the parameter and Adam's master copy (4 + 4 grad + 8 moments); DeepSpeed ZeRO-3 also
+    keeps a bf16 partition (2 + 4 + 12)."""
+    from scalelm.model.presets import get_preset
+    from scalelm.perf.frameworks import PROFILES
+    from scalelm.perf.hardware import load_hardware
+    from scalelm.perf.layout import Layout
+    from scalelm.perf.step import _stage_params, predict_memory
+
+    cfg, hw, lo = get_preset("gpt3-1.3b"), load_hardware("a100-80gb"), Layout(dp=8, zero=3)
+    psi = _stage_params(cfg, lo)[0]
+    for name, per_param in (("llm-foundry", 16), ("torchtitan", 16), ("deepspeed", 18)):
+        m = predict_memory(cfg, hw, lo, PROFILES[name], 2048, 1)
+        assert m.params + m.grads + m.optimizer == pytest.approx(per_param * psi / 8)
+
+
+def test_attention_runs_at_the_peak_of_its_precision():
+    from scalelm.perf.compute import flash_attention_s
+    from scalelm.perf.hardware import parse_hardware
+
+    hw = parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
+                                         "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
+                         "efficiency": {"kernel_overhead_us": 0.0}, "node": {"inter_node": "ethernet-10g"}})
+    f32, _ = flash_attention_s(1e12, 0.5, 64, hw, "fp32")
+    b16, _ = flash_attention_s(1e12, 0.5, 64, hw, "bf16")
+    assert f32 == pytest.approx(2 * b16)

@@ -6,6 +6,7 @@ count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
 * matmul throughput over shapes: the best FLOP/s becomes the fp32 (and bf16) "peak" with matmul
   efficiency 1.0; the inner-dimension penalty k0 of compute.gemm_time_s is fitted from the small-k
   shapes, the fixed cost from a tiny matmul;
+* host time per eager operator (dispatch + autograd), which a CPU cannot overlap with its own compute;
 * memory bandwidth: a large tensor copy (read + write) -> hbm_tb_s with memory_bw efficiency 1.0;
 * attention: causal scaled_dot_product_attention forward+backward, expressed in the step model's
   convention (causal half of 4·b·s²·H·d forward FLOPs, backward 2.5x);
@@ -64,6 +65,24 @@ def measure_memory_bw(quick: bool = False) -> float:
     y = torch.empty_like(x)
     t = _bench(lambda: y.copy_(x), 3 if quick else 5)
     return 2 * n * 4 / t / 1e12  # TB/s read+write
+
+
+def measure_host_op_us(quick: bool = False) -> float:
+    """Host seconds per eager operator with autograd: a chain of n tiny multiplies, forward and backward
+    (n forward ops, n backward ops), so the arithmetic is negligible and dispatch is what is timed."""
+    import torch
+
+    n = 100
+    x = torch.randn(16, requires_grad=True)
+
+    def chain():
+        y = x
+        for _ in range(n):
+            y = y * 1.0001
+        y.sum().backward()
+
+    t = _bench(chain, 5 if quick else 10, warmup=2)
+    return t / (2 * n) * 1e6
 
 
 def measure_attention(peak_tflops: float, quick: bool = False) -> float:
@@ -148,12 +167,14 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
         bf16 = mm["peak_tflops"]
     bw = measure_memory_bw(quick)
     attn = measure_attention(mm["peak_tflops"], quick)
+    host_op_us = measure_host_op_us(quick)
     coll = measure_collectives(quick) if collectives else {"latency_us": 50.0, "bandwidth_gb_s": 5.0}
     try:
         ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         ram_gib = 16.0
-    return {"matmul": mm, "bf16_tflops": bf16, "memory_tb_s": bw, "attention": attn, "collectives": coll,
+    return {"matmul": mm, "bf16_tflops": bf16, "memory_tb_s": bw, "attention": attn, "host_op_us": host_op_us,
+            "collectives": coll,
             "ram_gib": ram_gib, "threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1,
             "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
             "torch": torch.__version__}
@@ -187,6 +208,7 @@ memory_bw = 1.0
 attention = {result['attention']:.4f}
 clock_derate = 1.0
 kernel_overhead_us = {mm['kernel_overhead_us']:.2f}
+host_op_us = {result.get('host_op_us', 0.0):.2f}
 source = "measured by scalelm calibrate"
 
 [node]
@@ -197,6 +219,12 @@ intra_node_fabric = "gloo over shared memory/loopback (measured, 2 processes)"
 intra_node_efficiency = 1.0
 intra_node_latency_us = {coll['latency_us']:.1f}
 inter_node = "ethernet-10g"
+
+[calibration]
+# How this file was measured; predictions are valid for runs with the same threads per process.
+threads = {result['threads']}
+cpus = {result['cpus']}
+torch = "{result['torch']}"
 """
     path.write_text(text)
     return path

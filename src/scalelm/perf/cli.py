@@ -6,7 +6,9 @@ Each entry point parses its own argv; bad input prints one line `error: ...` to 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -26,6 +28,26 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse usage errors: one line, exit 2
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
+
+
+def _quiet_on_closed_pipe(main):
+    """`scalelm plan ... | head` closes stdout early: stop printing and exit 0 without a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except BrokenPipeError:
+            # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):  # stdout replaced by a non-file (tests)
+                pass
+            return 0
+
+    return wrapper
 
 
 def _fail(msg: str) -> int:
@@ -85,6 +107,7 @@ def _hardware(args):
     return hw.with_network(args.inter_node) if args.inter_node else hw
 
 
+@_quiet_on_closed_pipe
 def main_plan(argv: list[str]) -> int:
     if argv and argv[0] == "evaluate":
         return main_evaluate(argv[1:])
@@ -159,6 +182,7 @@ def main_plan(argv: list[str]) -> int:
     return 0
 
 
+@_quiet_on_closed_pipe
 def main_evaluate(argv: list[str]) -> int:
     p = _Parser(prog="scalelm plan evaluate", description="Predict each published run of a CSV (runs or memory "
                 "schema) and report the error.")
@@ -180,6 +204,7 @@ def main_evaluate(argv: list[str]) -> int:
     return 0
 
 
+@_quiet_on_closed_pipe
 def main_hw(argv: list[str]) -> int:
     p = _Parser(prog="scalelm hw", description="List or show the hardware catalog.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -203,6 +228,7 @@ def main_hw(argv: list[str]) -> int:
     return 0
 
 
+@_quiet_on_closed_pipe
 def main_calibrate(argv: list[str]) -> int:
     p = _Parser(prog="scalelm calibrate", description="Measure this machine (matmul by shape, memory bandwidth, "
                 "gloo collectives between local processes) and write a hardware TOML for --hardware local.")

@@ -53,16 +53,19 @@ def gemm_fwd_bwd_s(g: Gemm, hw: Hardware, dtype: str) -> tuple[float, float]:
     return fwd, bwd
 
 
-def flash_attention_s(fwd_flops_square: float, causal: float, head_dim: int, hw: Hardware) -> tuple[float, float]:
+def flash_attention_s(fwd_flops_square: float, causal: float, head_dim: int, hw: Hardware,
+                      dtype: str = "bf16") -> tuple[float, float]:
     """Fused attention forward and backward seconds.
 
     The kernel computes `causal` of the full square; its backward recomputes the scores and runs five
     matmuls to the forward's two, 2.5x the forward FLOPs (Dao 2023, FlashAttention-2, sec. 4.1). The
     device's `attention` efficiency applies to fwd+bwd, scaled by head_dim/(head_dim + 32): small heads
     leave the tensor cores starved (FlashAttention-2 paper, Fig. 5-7: head_dim 64 ~ 85% of 128's speed).
+    `dtype` is the attention's input precision: bf16 for bf16/fp8 training (fused kernels run in 16 bits),
+    fp32 for fp32 training (CPU runs of the `local` hardware, whose attention efficiency is measured in fp32).
     """
     eff = hw.efficiency
-    peak = hw.accelerator.peak_flops("bf16") * eff.clock_derate
+    peak = hw.accelerator.peak_flops("fp32" if dtype == "fp32" else "bf16") * eff.clock_derate
     e = eff.attention * head_dim / (head_dim + 32)
     fwd = fwd_flops_square * causal / (peak * e)
     return fwd + eff.kernel_overhead_us * 1e-6, 2.5 * fwd + 2 * eff.kernel_overhead_us * 1e-6

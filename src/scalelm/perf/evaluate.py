@@ -120,9 +120,15 @@ def evaluate_row(row: dict, kind: str) -> RowResult:
         lo, gbs, seq = row_layout(row, fw, cfg)
         if kind == THROUGHPUT:
             res = predict_step(cfg, hw, lo, seq, gbs, fw, strict=False)
-            pred, bottleneck = res.tokens_per_s_per_device, res.bottleneck
+            # The run ran, so memory capacity did not stop it: name what limits its time, and report a
+            # predicted peak above (or near) the device's memory separately, as a miss of the memory model.
+            pred, bottleneck = res.tokens_per_s_per_device, res.time_bottleneck
             extra = {"predicted_step_time_s": round(res.step_time_s, 4), "layout": lo.short(),
-                     "framework_profile": fw.name}
+                     "framework_profile": fw.name, "predicted_peak_mem_gib": round(res.peak_mem_gib, 2),
+                     "memory_capacity_gib": hw.accelerator.hbm_gib}
+            note = memory_note(res.peak_mem_gib, hw.accelerator.hbm_gib)
+            if note:
+                extra["memory_note"] = note
         else:
             m = max(1, math.ceil(gbs / (lo.dp * lo.micro_batch)))
             mem = predict_memory(cfg, hw, lo, fw, seq, m)
@@ -136,6 +142,21 @@ def evaluate_row(row: dict, kind: str) -> RowResult:
     except (RowError, KeyError, ValueError, ZeroDivisionError) as exc:
         meas = row.get(kind)
         return RowResult(rid, None, float(meas) if meas and _isnum(meas) else None, None, None, str(exc))
+
+
+NEAR_CAPACITY = 0.95
+"""A predicted peak above this share of device memory is reported as near capacity (the planner's fit limit)."""
+
+
+def memory_note(peak_gib: float, capacity_gib: float) -> str | None:
+    """For a run that ran: say when the predicted peak exceeds, or nearly reaches, the device memory."""
+    share = peak_gib / capacity_gib
+    if share > 1:
+        return (f"over capacity: predicted peak {peak_gib:.1f} GiB > {capacity_gib:g} GiB (+{100 * (share - 1):.1f}%); "
+                "the run fit, so the memory model overestimates it")
+    if share >= NEAR_CAPACITY:
+        return f"near capacity: predicted peak {peak_gib:.1f} of {capacity_gib:g} GiB ({100 * share:.0f}%)"
+    return None
 
 
 def _isnum(v: str) -> bool:

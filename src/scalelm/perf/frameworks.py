@@ -39,6 +39,13 @@ class Framework:
     """'attention': recompute the attention core only (Korthikanti 2022). 'op': torchtitan's op-level
     policy -- keep every other matmul output and the attention output, recompute the rest."""
     fused_cross_entropy: bool = False
+    """A fused loss kernel (one pass over the logits forward, gradient written in one pass)."""
+    loss_bytes_per_logit: float = 10.0
+    """Bytes per logit element alive at the loss peak, for one micro-batch (memory.py documents each)."""
+    fsdp_fp32_shard: bool = True
+    """ZeRO-3 as PyTorch FSDP does it: the sharded parameter *is* the fp32 master copy (bf16 weights exist
+    only while a layer is gathered), so the states are 4 + grad_bytes + 8 bytes per parameter over the
+    shards. False for DeepSpeed ZeRO-3, which also keeps a bf16 partition (2 + grad_bytes + 12)."""
     grad_bytes: int = 4
     """Bytes per gradient element kept for the optimizer (fp32 accumulation is the common default)."""
     grad_comm_bytes: int = 2
@@ -46,8 +53,24 @@ class Framework:
     fp8_cast_bytes: float = 5.0
     """Dynamic-scaling FP8: bytes moved per GEMM input element to find amax and cast (read 2+2, write 1)."""
     step_overhead_s: float = 0.0
+    host_ops_per_layer: int = 200
+    """Eager operators one block dispatches per micro-batch, forward + backward (a third forward). scalelm's
+    block counted with torch.profiler: 194 (fp32) to 208 (bf16 autocast) top-level aten ops."""
+    host_ops_fixed: int = 40
+    """Operators outside the blocks per micro-batch (embedding, final norm, head, loss), same count."""
     defaults: dict = field(default_factory=dict)
 
+
+# Bytes per logit element alive at the loss peak (logits of one micro-batch, per TP rank):
+LOSS_BYTES_EAGER = 10.0
+"""`F.cross_entropy(logits.float(), y)`: bf16 logits (2) + their fp32 upcast (4) kept as log-softmax
+output, and in the backward the fp32 gradient (4) before it is cast back to bf16."""
+LOSS_BYTES_MEGATRON = 6.0
+"""Megatron's vocab-parallel cross entropy: fp32 logits (4) turned into softmax in place and reused for the
+gradient, which is cast to bf16 (2) for the output-layer backward."""
+LOSS_BYTES_XENTROPY = 4.0
+"""flash-attn's fused xentropy kernel: saves the bf16 logits (2) and an fp32 log-sum-exp per token, and
+writes a bf16 gradient (2) in its backward; nothing is upcast to fp32."""
 
 # Defaults for empty columns of a run, per framework family (SCHEMA.md: empty = not stated).
 _MEGATRON_DEFAULTS = {"micro_batch": 1, "vpp": 1, "sequence_parallel": "tp>1", "zero": 1, "recompute": "selective", "cp": 1}
@@ -58,17 +81,23 @@ PROFILES: dict[str, Framework] = {
     # layer-norm, fused scale-mask-softmax kernels (Shoeybi 2019; Narayanan 2021 sec. 4.2), vocab-parallel
     # fused cross entropy, bucketed gradient all-reduce overlapped with the backward, FlashAttention from
     # 2023 on. `megatron-2021` is the SC21 code: no flash attention, dropout 0.1, p2p not overlapped.
-    "megatron": Framework("megatron", elementwise_factor=0.7, fused_cross_entropy=True, dp_overlap=0.9,
+    "megatron": Framework("megatron", elementwise_factor=0.7, fused_cross_entropy=True,
+                          loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.9,
                           tp_overlap=0.0, pp_overlap=0.5, defaults=_MEGATRON_DEFAULTS),
     "megatron-2021": Framework("megatron-2021", flash_attention=False, elementwise_factor=0.7, dropout=True,
-                               fused_cross_entropy=True, dp_overlap=0.0, pp_overlap=0.0,
+                               fused_cross_entropy=True, loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.0, pp_overlap=0.0,
                                defaults=dict(_MEGATRON_DEFAULTS, zero=0, recompute="full")),
     # DeepSpeed (ZeRO 1-3), eager PyTorch kernels, communication overlapped by buckets.
     "deepspeed": Framework("deepspeed", elementwise_factor=0.9, dp_overlap=0.8, fsdp_overlap=0.8,
+                           fsdp_fp32_shard=False,
                            defaults=dict(_FSDP_DEFAULTS, zero=1)),
     # Composer / llm-foundry: PyTorch FSDP (FULL_SHARD), FlashAttention, eager elementwise ops (no
-    # compile), FSDP forward/backward prefetch; gradients reduce-scattered every micro-batch.
+    # compile), FSDP forward/backward prefetch; gradients reduce-scattered every micro-batch. MPT's
+    # `loss_fn` defaults to `fused_crossentropy` (flash-attn's xentropy kernel, llmfoundry
+    # models/mpt/modeling_mpt.py) and the pretrain/benchmark YAMLs do not override it: bf16 logits in,
+    # fp32 log-sum-exp per token, bf16 gradient out.
     "llm-foundry": Framework("llm-foundry", elementwise_factor=1.0, fsdp_comm_per_microbatch=True,
+                             fused_cross_entropy=True, loss_bytes_per_logit=LOSS_BYTES_XENTROPY,
                              defaults=_FSDP_DEFAULTS),
     # torchtitan: FSDP2, SDPA flash attention, op-level selective AC, unfused fp32 cross entropy; with PP
     # it does not reshard after forward and syncs gradients once per step. torch.compile fuses most
@@ -77,7 +106,8 @@ PROFILES: dict[str, Framework] = {
                             reshard_after_forward=True,
                             defaults=dict(_FSDP_DEFAULTS, recompute="selective", sequence_parallel="tp>1")),
     # JAX/XLA (PaLM, T5X, MaxText): the compiler fuses elementwise work into neighbours.
-    "jax": Framework("jax", elementwise_factor=0.5, fused_cross_entropy=True, dp_overlap=0.9,
+    "jax": Framework("jax", elementwise_factor=0.5, fused_cross_entropy=True,
+                     loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.9,
                      defaults=dict(_FSDP_DEFAULTS, zero=3, recompute="full")),
     # scalelm's own trainer: plain PyTorch, SDPA, FSDP2/DDP. Its CPU runs use the `local` calibration.
     "scalelm": Framework("scalelm", elementwise_factor=1.0, fused_norm=False, defaults=_FSDP_DEFAULTS),

@@ -69,6 +69,10 @@ class Efficiency:
     """Sustained clock under the configured power cap relative to the vendor peak."""
     kernel_overhead_us: float = 4.0
     """Launch + ramp time added to each kernel."""
+    host_op_us: float = 0.0
+    """Host time per eager operator (dispatch + autograd) that the device cannot hide. 0 on accelerators: the
+    host enqueues kernels asynchronously and runs ahead of them. On a CPU the host *is* the device, so every
+    operator's dispatch adds to the step (`scalelm calibrate` measures it)."""
     source: str = ""
 
 

@@ -53,18 +53,66 @@ def breakdown(r: StepResult) -> str:
     return "\n".join(lines)
 
 
+def _num(x: float) -> str:
+    """Three significant figures, thousands separated: 0.0123, 4.56, 789, 12,345."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def human_duration(seconds: float) -> str:
+    """Seconds in the unit that reads best: s, min, hours or days."""
+    for unit, size in (("days", 86400.0), ("hours", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{_num(seconds / size)} {unit}"
+    return f"{_num(seconds)} s"
+
+
+def human_energy(kwh: float) -> str:
+    """kWh below 1 MWh, MWh above (Wh below 1 kWh)."""
+    if kwh >= 1000:
+        return f"{_num(kwh / 1000)} MWh"
+    if kwh >= 1:
+        return f"{_num(kwh)} kWh"
+    return f"{_num(kwh * 1000)} Wh"
+
+
+def human_mass(kg: float) -> str:
+    """CO2e in g, kg or t."""
+    if kg >= 1000:
+        return f"{_num(kg / 1000)} t"
+    if kg >= 1:
+        return f"{_num(kg)} kg"
+    return f"{_num(kg * 1000)} g"
+
+
+def human_bytes(gib: float) -> str:
+    if gib >= 1024:
+        return f"{_num(gib / 1024)} TiB"
+    if gib >= 1:
+        return f"{_num(gib)} GiB"
+    return f"{_num(gib * 1024)} MiB"
+
+
+def human_usd(usd: float) -> str:
+    return f"${usd:,.0f}" if usd >= 100 else f"${usd:.2f}"
+
+
 def run_summary(run: RunEstimate, hw: Hardware) -> str:
+    kwh = run.energy_mwh * 1000
     return "\n".join([
-        (f"run: {run.tokens:.3g} tokens in {run.steps:,} steps, {run.wall_hours / 24:,.1f} days wall "
-        f"({run.gpu_hours:,.0f} GPU-hours, ${run.cost_usd:,.0f} at ${hw.accelerator.price_per_hour_usd}/GPU-h)"),
-        (f"energy: {run.energy_mwh:,.1f} MWh with PUE {hw.datacenter.pue} -> {run.co2e_tonnes:,.1f} t CO2e "
+        (f"run: {run.tokens:.3g} tokens in {run.steps:,} steps, {human_duration(run.wall_hours * 3600)} wall "
+        f"({_num(run.gpu_hours)} GPU-hours, {human_usd(run.cost_usd)} at ${hw.accelerator.price_per_hour_usd}/GPU-h)"),
+        (f"energy: {human_energy(kwh)} with PUE {hw.datacenter.pue} -> {human_mass(run.co2e_tonnes * 1000)} CO2e "
         f"at {hw.datacenter.carbon_kg_per_kwh} kg/kWh"),
-        (f"checkpoint: {run.checkpoint_gib:,.0f} GiB, {run.checkpoint_write_s:,.0f} s to write at "
-        f"{hw.storage.write_gb_s} GB/s; job MTBF {run.job_mtbf_hours:.1f} h -> "
-        f"{run.expected_interruptions:.0f} interruptions, checkpoint every {run.checkpoint_interval_min:.0f} min "
-        f"(Young/Daly), goodput {run.goodput:.3f}"),
-        (f"gradient sync per step: all-reduce {run.all_reduce_s:.3f} s vs parameter server "
-        f"{run.parameter_server_s:.3f} s (one server per node)"),
+        (f"checkpoint: {human_bytes(run.checkpoint_gib)}, {human_duration(run.checkpoint_write_s)} to write at "
+        f"{hw.storage.write_gb_s} GB/s; job MTBF {human_duration(run.job_mtbf_hours * 3600)} -> "
+        f"{run.expected_interruptions:.2g} interruptions, checkpoint every "
+        f"{human_duration(run.checkpoint_interval_min * 60)} (Young/Daly), goodput {run.goodput:.3f}"),
+        (f"gradient sync per step: all-reduce {run.all_reduce_s:.3g} s vs parameter server "
+        f"{run.parameter_server_s:.3g} s (one server per node)"),
     ])
 
 
@@ -72,11 +120,21 @@ def evaluate_table(kind: str, results: list[RowResult]) -> str:
     unit = "tok/s/GPU" if kind == THROUGHPUT else "peak GiB"
     rows = []
     for r in results:
+        extra = r.extra or {}
+        mem = ""
+        if "predicted_peak_mem_gib" in extra and extra.get("memory_capacity_gib"):
+            share = extra["predicted_peak_mem_gib"] / extra["memory_capacity_gib"]
+            mem = f"{100 * share:.0f}%" + (" over" if share > 1 else "")
         if r.error_pct is None:
-            rows.append([r.id, "-", r.measured if r.measured is not None else "-", "-", f"cannot predict: {r.reason}"])
+            rows.append([r.id, "-", r.measured if r.measured is not None else "-", "-", f"cannot predict: {r.reason}",
+                         ""])
         else:
-            rows.append([r.id, f"{r.predicted:,.1f}", f"{r.measured:,.1f}", f"{r.error_pct:+.1f}", r.bottleneck or ""])
-    return table(["id", f"predicted {unit}", f"measured {unit}", "error%", "bottleneck"], rows, "lrrrl")
+            rows.append([r.id, f"{r.predicted:,.1f}", f"{r.measured:,.1f}", f"{r.error_pct:+.1f}", r.bottleneck or "",
+                         mem])
+    headers = ["id", f"predicted {unit}", f"measured {unit}", "error%", "bottleneck", "mem/capacity"]
+    if kind != THROUGHPUT:
+        headers, rows = headers[:-1], [row[:-1] for row in rows]
+    return table(headers, rows, "lrrrlr")
 
 
 def summary_line(kind: str, summary: dict) -> str:
@@ -107,7 +165,8 @@ def hardware_show(hw: Hardware) -> str:
              "  peak TFLOP/s: " + ", ".join(f"{k} {v:g}" for k, v in a.peak_tflops.items()),
              f"  HBM {a.hbm_gib:g} GiB at {a.hbm_tb_s:g} TB/s; TDP {a.tdp_w:g} W; ${a.price_per_hour_usd}/h",
              (f"  efficiencies: matmul {e.matmul}, attention {e.attention}, memory bw {e.memory_bw}, "
-             f"clock derate {e.clock_derate}, kernel overhead {e.kernel_overhead_us} us"),
+             f"clock derate {e.clock_derate}, kernel overhead {e.kernel_overhead_us} us"
+             + (f", host {e.host_op_us} us/op" if e.host_op_us else "")),
              (f"  node: {n.gpus_per_node} per node (NVLink domain {n.nvlink_domain}), {n.intra_node_gb_s:g} GB/s/dir "
              f"{n.intra_node_fabric}"),
              (f"  inter-node: {net.key}: {net.name}; {net.ports_per_node} x {net.per_port_gbps:g} Gb/s = "

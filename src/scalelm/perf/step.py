@@ -56,6 +56,7 @@ class StepResult:
     peak_mem_gib: float
     fits: bool
     bottleneck: str
+    """`memory capacity` when the step does not fit, else `time_bottleneck`."""
     time_s: dict[str, float] = field(default_factory=dict)
     """Exposed seconds per component; they sum to step_time_s."""
     hidden_s: dict[str, float] = field(default_factory=dict)
@@ -63,6 +64,8 @@ class StepResult:
     memory: MemoryBreakdown | None = None
     layout: Layout | None = None
     microbatches: int = 1
+    time_bottleneck: str = ""
+    """The largest component of the step time, whether or not the memory fits."""
 
     def memory_gib(self) -> dict[str, float]:
         return self.memory.gib() if self.memory else {}
@@ -90,7 +93,7 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     flash = lo.flash_attention and fw.flash_attention
     square = attention_core_flops(cfg, mb, seq, tp, cp)
     if flash:
-        attn_f, attn_b = compute.flash_attention_s(square, causal_fraction(seq), cfg.dim_head, hw)
+        attn_f, attn_b = compute.flash_attention_s(square, causal_fraction(seq), cfg.dim_head, hw, gemm_dtype)
         scores_f = 0.0
     else:
         heads = mb * cfg.n_head // tp
@@ -105,8 +108,11 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     ew = ew / tp if lo.sequence_parallel else repl + (ew - repl) / tp
     ew_f = compute.memory_bound_s(ew + cast_f, hw)
     ew_b = compute.memory_bound_s(2 * ew + cast_b, hw)
-    layer_f = f_g + attn_f + ew_f
-    layer_b = b_g + attn_b + ew_b
+    # Host dispatch of eager operators (zero on accelerators, see Efficiency.host_op_us).
+    op_s = hw.efficiency.host_op_us * 1e-6
+    host_f, host_b = op_s * fw.host_ops_per_layer / 3, op_s * fw.host_ops_per_layer * 2 / 3
+    layer_f = f_g + attn_f + ew_f + host_f
+    layer_b = b_g + attn_b + ew_b + host_b
     if lo.recompute == "full":
         recompute = layer_f
     elif lo.recompute == "selective" and fw.selective_kind == "op":
@@ -131,8 +137,10 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
         link = comm.group_link(hw, cp, max(1, min(cp, hw.node.gpus_per_node // tp)))
         ring = (cp - 1) * (link.alpha_s + kv_bytes / link.beta_bytes_s)
         cp_f, cp_b = max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
+    head_host = op_s * fw.host_ops_fixed
     return {"layer_f": layer_f, "layer_b": layer_b + recompute, "recompute": recompute, "gemm": f_g + b_g,
-                "attn": attn_f + attn_b, "ew": ew_f + ew_b, "head_f": hf + loss / 3, "head_b": hb + 2 * loss / 3,
+                "attn": attn_f + attn_b, "ew": ew_f + ew_b, "host": host_f + host_b, "head_host": head_host,
+                "head_f": hf + loss / 3 + head_host / 3, "head_b": hb + 2 * loss / 3 + 2 * head_host / 3,
                 "tp_exposed": tp_total * (1 - fw.tp_overlap), "tp_hidden": tp_total * fw.tp_overlap,
                 "cp": cp_f + cp_b, "tokens": tokens, "act": act, "n_ar": n_ar}
 
@@ -216,8 +224,10 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     # ---- breakdown and bottleneck -----------------------------------------------------------------------
     scale = m * layers
     tp_exp = scale * st["tp_exposed"]
+    host = scale * st["host"] + m * st["head_host"]
     time_s = {
-        "compute": scale * (st["gemm"] + st["attn"] + st["recompute"]) + m * (st["head_f"] + st["head_b"]),
+        "compute": (scale * (st["gemm"] + st["attn"] + st["recompute"]) + m * (st["head_f"] + st["head_b"])
+                    - m * st["head_host"]),
         "memory_bw": scale * st["ew"],
         "tp_comm": tp_exp,
         "cp_comm": scale * st["cp"],
@@ -225,7 +235,7 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
         "pp_comm": p2p,
         "dp_comm": dp_exposed,
         "optimizer": optimizer,
-        "overhead": fw.step_overhead_s,
+        "overhead": fw.step_overhead_s + host,
     }
     # The compute/memory split above is an attribution of `busy`; rescale so the parts sum to the step.
     parts = sum(time_s.values())
@@ -243,14 +253,12 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     mfu = tok_s * fpt / peak
     extra = 1.0 + (1 / 3 if lo.recompute == "full" else 0.0)
     hfu = mfu * extra
-    if not fits:
-        bottleneck = "memory capacity"
-    else:
-        names = {"compute": "compute", "memory_bw": "memory bandwidth", "tp_comm": "TP communication",
-                 "cp_comm": "CP communication", "pp_bubble": "pipeline bubble", "pp_comm": "PP communication",
-                 "dp_comm": "DP communication", "optimizer": "memory bandwidth", "overhead": "framework overhead"}
-        bottleneck = names[max(time_s, key=time_s.get)]
-    return StepResult(step, tok_s, mfu, hfu, mem.total / GIB, fits, bottleneck, time_s, hidden, mem, lo, m)
+    names = {"compute": "compute", "memory_bw": "memory bandwidth", "tp_comm": "TP communication",
+             "cp_comm": "CP communication", "pp_bubble": "pipeline bubble", "pp_comm": "PP communication",
+             "dp_comm": "DP communication", "optimizer": "memory bandwidth", "overhead": "framework overhead"}
+    by_time = names[max(time_s, key=time_s.get)]
+    bottleneck = by_time if fits else "memory capacity"
+    return StepResult(step, tok_s, mfu, hfu, mem.total / GIB, fits, bottleneck, time_s, hidden, mem, lo, m, by_time)
 
 
 def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq_len: int, m: int,
@@ -260,6 +268,9 @@ def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, se
         psi_stage, psi_layer = _stage_params(cfg, lo)
     shard = lo.shard if lo.zero >= 1 else 1
     states = zero_model_state_bytes(psi_stage, lo.zero, shard, k=12, grad_bytes=fw.grad_bytes)
+    if lo.zero == 3 and fw.fsdp_fp32_shard:
+        # FSDP: the fp32 shard is both the parameter and Adam's master copy; the optimizer adds the moments.
+        states["params"], states["optimizer"] = 4.0 * psi_stage / shard, 8.0 * psi_stage / shard
     if lo.offload:
         states["optimizer"] = 0.0
     s_loc = seq_len // lo.cp
@@ -282,7 +293,7 @@ def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, se
         per_layer *= 0.9  # fp8 copies of saved GEMM inputs replace some bf16 ones (torchao float8)
     first = per_layer * layers * in_flight + working
     tokens = lo.micro_batch * s_loc
-    logits = tokens * cfg.vocab_size / lo.tp * (6.0 if fw.fused_cross_entropy else 10.0)
+    logits = tokens * cfg.vocab_size / lo.tp * fw.loss_bytes_per_logit
     last_act = per_layer * layers * 1 + working
     if lo.pp == 1:
         acts, logit_bytes, stage = first, logits, "only"

@@ -32,8 +32,8 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     (["prepare", "no-such-file.txt", "--out", "ds"], "no-such-file.txt"),
     (["info", "llama9"], "unknown model preset"),
 ])
-def test_bad_input_is_one_line_exit_2(tmp_path, args, expected, capsys):
-    os.chdir(tmp_path)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, expected, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and expected in err

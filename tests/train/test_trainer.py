@@ -1,12 +1,11 @@
 import math
 import shutil
-from dataclasses import replace
 
 import pytest
 import torch
+from helpers import losses, metrics, train
 
 import scalelm
-from helpers import losses, metrics, train
 from scalelm.config import OptimConfig, build_config
 from scalelm.train.checkpoint import checkpoint_dirs, state_sha256, unique_state
 from scalelm.train.optim import lr_factor

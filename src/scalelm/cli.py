@@ -4,6 +4,7 @@ person can fix print one line and exit with code 2 (never a traceback)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from scalelm.config import ConfigError
 USAGE = """usage: scalelm COMMAND [ARGS]
 
 commands:
-  train      train a model (no arguments: shakespeare-char on the bundled corpus)
+  train      train a model (no arguments: shakespeare-char on the bundled corpus); --nproc N runs torchrun
+  slurm      write an sbatch script that trains on several nodes (srun + torchrun)
   prepare    text/JSONL files → token shards for training
   generate   continue a prompt with a trained run or checkpoint
   info       parameters, FLOPs/token and weight memory of a model preset
@@ -33,21 +35,128 @@ def _error(message: str) -> int:
     return 2
 
 
+def _pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """`--nproc N` / `--nproc=N` out of the train arguments."""
+    rest, nproc, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"--nproc needs a positive number of processes, got {value!r}")
+            nproc = int(value)
+            continue
+        rest.append(arg)
+        i += 1
+    return nproc, rest
+
+
+def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
+    """The torchrun line `scalelm train --nproc N ARGS` runs: one machine, N processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "scalelm", "train", *train_args]
+
+
 def cmd_train(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         from scalelm.config import all_keys
 
-        print("usage: scalelm train [--config FILE.toml] [--SECTION.KEY VALUE ...]\n\nkeys: " + ", ".join(all_keys()))
+        print("usage: scalelm train [--nproc N] [--config FILE.toml] [--SECTION.KEY VALUE ...]\n\n"
+              "--nproc N starts N processes with torchrun (the `parallel` section says how they share the work)\n\n"
+              "keys: " + ", ".join(all_keys()))
         return 0
-    from scalelm.config import build_config, load_toml, parse_overrides
+    from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
 
+    nproc, argv = _pop_nproc(argv)
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        overrides = parse_overrides(argv)
+        file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
+        validate_parallel(build_config(file_values, overrides), nproc)  # fail here, not in N processes
+        command = torchrun_command(nproc, argv)
+        sys.stdout.flush()
+        os.execv(command[0], command)  # replaces this process; torchrun's exit code becomes ours
     overrides = parse_overrides(argv)
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
     cfg = build_config(file_values, overrides)
     from scalelm.train.run import train
 
     end = train(cfg)
-    print(f"done: step {end['step']}, val loss {end['val_loss']:.4f}, run directory {cfg.out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here; one line is enough
+        print(f"done: step {end['step']}, val loss {end['val_loss']:.4f}, run directory {cfg.out}")
+    return 0
+
+
+SBATCH_TEMPLATE = """#!/bin/bash
+# Written by `scalelm slurm`; submit with: sbatch {script}
+#SBATCH --job-name={job_name}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+{gpu_line}#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --output=%x-%j.out
+{extra}
+set -euo pipefail
+# One torchrun per node (srun starts them); torchrun starts {nproc} training processes per node and they meet
+# through the c10d rendezvous on the first node of the allocation.
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}
+srun --kill-on-bad-exit=1 python -m torch.distributed.run \\
+    --nnodes "$SLURM_NNODES" --nproc-per-node {nproc} \\
+    --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$head_node:{port}" \\
+    -m scalelm train {train_args}
+"""
+
+
+def slurm_script(nodes: int, nproc_per_node: int, gpus_per_node: int, train_args: list[str], job_name: str = "scalelm",
+                 time: str = "01:00:00", partition: str | None = None, account: str | None = None,
+                 cpus_per_task: int | None = None, port: int = 29500, script: str = "train.sbatch") -> str:
+    """An sbatch script: srun starts one torchrun per node, torchrun the training processes (pure function)."""
+    import shlex
+
+    extra = "".join(f"#SBATCH --{k}={v}\n" for k, v in (("partition", partition), ("account", account)) if v)
+    cpus = cpus_per_task or max(1, 8 * nproc_per_node)
+    return SBATCH_TEMPLATE.format(
+        script=script, job_name=job_name, nodes=nodes, time=time, cpus=cpus, nproc=nproc_per_node, port=port,
+        gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "", extra=extra.rstrip("\n"),
+        threads=max(1, cpus // nproc_per_node), train_args=" ".join(shlex.quote(a) for a in train_args))
+
+
+def cmd_slurm(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="scalelm slurm", description="Write an sbatch script for a multi-node run (srun + torchrun c10d "
+        "rendezvous). Arguments after the options (or after --) are `scalelm train` arguments.")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, default=8, help="training processes per node (default 8)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs to request per node (default: "
+                   "--nproc-per-node; 0 for CPU nodes)")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per node (default 8 per process)")
+    p.add_argument("--time", default="01:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--job-name", default="scalelm")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    p.add_argument("--script", default="train.sbatch", help="script to write (default train.sbatch; - = stdout); "
+                   "--out is the run directory, passed to `scalelm train`")
+    args, train_args = p.parse_known_args(argv)
+    train_args = [a for a in train_args if a != "--"]
+    if args.nodes < 1 or args.nproc_per_node < 1:
+        raise UsageError("--nodes and --nproc-per-node must be >= 1")
+    from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
+
+    overrides = parse_overrides(train_args)
+    file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
+    validate_parallel(build_config(file_values, overrides), args.nodes * args.nproc_per_node)
+    gpus = args.nproc_per_node if args.gpus_per_node is None else args.gpus_per_node
+    text = slurm_script(args.nodes, args.nproc_per_node, gpus, train_args, args.job_name, args.time, args.partition,
+                        args.account, args.cpus_per_task, args.port,
+                        args.script if args.script != "-" else "train.sbatch")
+    if args.script == "-":
+        print(text, end="")
+    else:
+        Path(args.script).write_text(text)
+        print(f"wrote {args.script}: {args.nodes} node(s) × {args.nproc_per_node} processes; submit with "
+              f"`sbatch {args.script}`")
     return 0
 
 
@@ -160,7 +269,7 @@ def _perf(name: str):
 
 
 COMMANDS = {
-    "train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
+    "train": cmd_train, "slurm": cmd_slurm, "prepare": cmd_prepare, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
     "plan": _perf("main_plan"), "hw": _perf("main_hw"), "calibrate": _perf("main_calibrate"),
 }
 

@@ -105,6 +105,45 @@ class MetricsConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks share the work (see docs/parallel.md). Used when the run has more than one process (torchrun);
+    a single process ignores this section. dp_replicate × dp_shard × tp × pp must equal the number of processes."""
+
+    dp_replicate: int = 1
+    """Data-parallel replicas (with zero >= 2: the replicate dimension of HSDP)."""
+    dp_shard: int = -1
+    """Data-parallel ranks that shard parameters (zero >= 2) or hold full replicas (zero 0/1); -1 = the ranks left
+    after dp_replicate, tp and pp."""
+    tp: int = 1
+    """Tensor-parallel degree (Megatron layout); must divide heads, kv heads, the MLP width and the vocabulary."""
+    pp: int = 1
+    """Pipeline-parallel degree: the blocks are split into pp × pp_stages_per_rank stages."""
+    zero: int = 3
+    """0 = DDP all-reduce, 1 = + sharded optimizer states (ZeroRedundancyOptimizer), 2 = FSDP2 without resharding
+    after forward (sharded optimizer states and gradients), 3 = FSDP2 (parameters sharded too)."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv"] = "1f1b"
+    """Pipeline schedule from torch.distributed.pipelining."""
+    pp_microbatches: int = 0
+    """Pipeline micro-batches per optimizer step; 0 = pp. Must divide the per-rank batch."""
+    pp_stages_per_rank: int = 0
+    """Model chunks per pipeline rank; 0 = 1 for gpipe/1f1b, 2 for interleaved-1f1b, interleaved-zb and zbv."""
+    sequence_parallel: bool = False
+    """With tp > 1: shard the norms' activations along the sequence (needs model.pos = rope)."""
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    """Recompute blocks in backward: full = every block, selective = every ac_every-th block."""
+    ac_every: int = 2
+    """selective activation checkpointing: checkpoint blocks 0, k, 2k, ..."""
+    cpu_offload: bool = False
+    """zero >= 2 on CUDA: keep sharded parameters, gradients and optimizer states in CPU memory (FSDP2 offload)."""
+    grad_compression: Literal["none", "bf16", "powersgd"] = "none"
+    """zero = 0 only: DDP communication hook that compresses gradients before the all-reduce."""
+    powersgd_rank: int = 4
+    """PowerSGD: rank of the low-rank gradient approximation."""
+    powersgd_start_step: int = 10
+    """PowerSGD: plain all-reduce for the first steps (error-feedback warm-up)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=lambda: get_preset("shakespeare-char"))
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,6 +151,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1337
     """Seeds weights, data order and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -123,7 +163,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "data", "optim", "train", "checkpoint", "metrics")
+SECTIONS = ("model", "data", "optim", "train", "checkpoint", "metrics", "parallel")
 TOP_LEVEL = ("seed", "device", "out")
 
 
@@ -295,6 +335,94 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
+    validate_parallel(cfg)
+
+
+def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, int]:
+    """Check the `parallel` section against the model and, when known, the world size; returns the resolved
+    degrees {dp_replicate, dp_shard, tp, pp, stages_per_rank, microbatches}. Messages say what to change."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    for key in ("dp_replicate", "tp", "pp", "ac_every", "powersgd_rank"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
+    for key in ("pp_microbatches", "pp_stages_per_rank", "powersgd_start_step"):
+        if getattr(p, key) < 0:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 0")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 for the remaining ranks")
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero={p.zero} is not one of 0, 1, 2, 3")
+    if p.tp > 1:
+        for key, value in (("model.n_head", m.n_head), ("model.n_kv_head", m.kv_heads),
+                           ("model.d_ff (MLP width)", m.ffn_hidden), ("model.vocab_size", m.vocab_size)):
+            if value % p.tp:
+                ok = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+                raise ConfigError(f"parallel.tp={p.tp} does not divide {key}={value}; use one of {ok[-6:]}")
+        if p.sequence_parallel and t.seq_len % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel splits train.seq_len={t.seq_len} over tp={p.tp}; "
+                              f"use a seq_len divisible by {p.tp}")
+        if p.sequence_parallel and m.pos != "rope":
+            raise ConfigError(f"parallel.sequence_parallel needs model.pos='rope' (got {m.pos!r}): a position table "
+                              f"would be added to a sequence shard; set model.pos=rope or sequence_parallel=false")
+    if p.zero in (0, 1) and p.tp > 1:
+        raise ConfigError(f"parallel.zero={p.zero} (DDP) cannot wrap tensor-parallel weights; use parallel.zero=2 or 3 "
+                          f"(FSDP2) with parallel.tp={p.tp}")
+    if p.grad_compression != "none" and p.zero != 0:
+        raise ConfigError(f"parallel.grad_compression={p.grad_compression!r} is a DDP communication hook; "
+                          f"set parallel.zero=0 (got {p.zero})")
+    if p.cpu_offload and p.zero < 2:
+        raise ConfigError(f"parallel.cpu_offload needs FSDP2; set parallel.zero=2 or 3 (got {p.zero})")
+    stages_per_rank = p.pp_stages_per_rank or (1 if p.pp_schedule in ("gpipe", "1f1b") else 2)
+    if p.pp > 1:
+        if p.pp_schedule in ("gpipe", "1f1b") and stages_per_rank != 1:
+            raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} runs one stage per rank; set "
+                              f"parallel.pp_stages_per_rank=1 or use interleaved-1f1b")
+        if p.pp_schedule == "zbv" and stages_per_rank != 2:
+            raise ConfigError("parallel.pp_schedule='zbv' needs parallel.pp_stages_per_rank=2 (a V of two stages per rank)")
+        if p.pp_schedule in ("interleaved-1f1b", "interleaved-zb") and stages_per_rank < 2:
+            raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r} needs parallel.pp_stages_per_rank >= 2")
+        n_stages = p.pp * stages_per_rank
+        if n_stages > m.n_layer:
+            raise ConfigError(f"parallel.pp={p.pp} × pp_stages_per_rank={stages_per_rank} = {n_stages} stages but "
+                              f"model.n_layer={m.n_layer}; every stage needs a block: lower pp or pp_stages_per_rank")
+        if t.micro_batch:
+            raise ConfigError("with parallel.pp > 1 the pipeline splits the batch: set parallel.pp_microbatches "
+                              "instead of train.micro_batch (leave it 0)")
+    microbatches = p.pp_microbatches or p.pp
+    if p.pp > 1 and p.pp_schedule != "gpipe" and p.pp_schedule != "1f1b" and microbatches % p.pp:
+        raise ConfigError(f"parallel.pp_microbatches={microbatches} must be a multiple of parallel.pp={p.pp} "
+                          f"for the {p.pp_schedule} schedule")
+    degrees = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp,
+               "stages_per_rank": stages_per_rank, "microbatches": microbatches}
+    if world_size is None:
+        return degrees
+    fixed = p.dp_replicate * p.tp * p.pp
+    if p.dp_shard == -1:
+        if world_size % fixed:
+            raise ConfigError(f"{world_size} processes are not divisible by dp_replicate × tp × pp = {fixed}; "
+                              f"launch a multiple of {fixed} processes or change the parallel degrees")
+        degrees["dp_shard"] = world_size // fixed
+    elif fixed * p.dp_shard != world_size:
+        raise ConfigError(f"dp_replicate × dp_shard × tp × pp = {p.dp_replicate}×{p.dp_shard}×{p.tp}×{p.pp} = "
+                          f"{fixed * p.dp_shard} but {world_size} processes were launched; set parallel.dp_shard=-1 "
+                          f"or launch {fixed * p.dp_shard}")
+    dp = degrees["dp_replicate"] * degrees["dp_shard"]
+    if cfg.optim.name == "muon" and (p.tp > 1 or (dp > 1 and p.zero >= 2)):
+        raise ConfigError("optim.name=muon orthogonalizes whole matrices, which tensor parallelism and FSDP split; "
+                          "use parallel.zero=0 or 1 without tp, or optim.name=adamw")
+    if t.global_batch % dp:
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {dp} data-parallel ranks; "
+                          f"use a multiple of {dp}")
+    local = t.global_batch // dp
+    if t.micro_batch and local % t.micro_batch:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide the per-rank batch {local} "
+                          f"(global_batch / {dp} data-parallel ranks)")
+    if p.pp > 1:
+        eval_batch = min(t.global_batch, 32)
+        if local % microbatches or eval_batch % microbatches:
+            raise ConfigError(f"parallel.pp_microbatches={microbatches} must divide the per-rank batch {local} and "
+                              f"the evaluation batch {eval_batch}; change it or train.global_batch")
+    return degrees
 
 
 def _divisors(n: int) -> str:

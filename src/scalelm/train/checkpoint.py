@@ -1,8 +1,10 @@
 """Checkpoints of a run: weights in safetensors, the rest in JSON and weights-only tensor files.
 
 Layout: RUN/checkpoints/step_00000100/{model.safetensors, model.json, optimizer.pt, rng.pt, state.json}.
-Nothing here unpickles arbitrary objects: safetensors and JSON cannot, and tensor files are read with
-`torch.load(weights_only=True)`. A checkpoint is written into a temporary directory and renamed into place, so
+A distributed run writes the weights and optimizer states with DCP instead (`scalelm.parallel.checkpoint`:
+shards per rank, `.metadata.json`, `rng_rank<r>.pt`), which any layout — one process included — can load.
+Nothing here unpickles arbitrary objects: safetensors and JSON cannot, tensor files are read with
+`torch.load(weights_only=True)`, and DCP metadata is read from JSON. A checkpoint is written into a temporary directory and renamed into place, so
 an interrupted save never damages the previous one.
 """
 
@@ -94,8 +96,75 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizers
     return final
 
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def save_distributed_checkpoint(run_dir: str | Path, step: int, parts: list[nn.Module],
+                                optimizers: list[torch.optim.Optimizer], state: dict[str, Any], keep: int,
+                                model_cfg: ModelConfig) -> Path:
+    """Every rank writes its shards into a temporary directory with DCP; rank 0 adds the JSON files and
+    renames it into place once all ranks are done."""
+    from scalelm.parallel import checkpoint as dcp_ckpt
+
+    rank, world = _rank_world()
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    dcp_ckpt.save(tmp, parts, optimizers, model_cfg.tie_embeddings)
+    # Per-rank RNG (dropout masks): restored only on the same layout, where it means the same thing.
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / f"rng_rank{rank}_of{world}.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        (tmp / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def load_distributed_checkpoint(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                                model_cfg: ModelConfig) -> dict[str, Any]:
+    """Load a DCP checkpoint written on any layout into this rank's (parallelized) parts and optimizers."""
+    from scalelm.parallel import checkpoint as dcp_ckpt
+
+    if not dcp_ckpt.is_dcp_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path} was written by a single process (safetensors); resume it with one "
+                              f"process, or start the distributed run in a fresh --out directory")
+    try:
+        dcp_ckpt.load(path, parts, optimizers, model_cfg.tie_embeddings)
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({e}); was it saved from a different model "
+                              f"or optimizer config?") from None
+    rank, world = _rank_world()
+    rng_file = path / f"rng_rank{rank}_of{world}.pt"
+    if rng_file.is_file():
+        torch.set_rng_state(torch.load(rng_file, weights_only=True)["cpu"])
+    return state
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
-    """Restore weights, optimizer states and RNG; returns the trainer state (step, loader, ...)."""
+    """Restore weights, optimizer states and RNG; returns the trainer state (step, loader, ...).
+    A checkpoint written by a distributed run (DCP) is loaded on one process too: the layout may change."""
+    from scalelm.parallel import checkpoint as dcp_ckpt
+
+    if dcp_ckpt.is_dcp_checkpoint(path):
+        return load_distributed_checkpoint(path, [model], optimizers, model.cfg)
     try:
         load_weights(model, path / "model.safetensors")
         opt_states = torch.load(path / "optimizer.pt", weights_only=True)
@@ -128,7 +197,7 @@ def load_weights(model: nn.Module, file: Path) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (→ its newest checkpoint) or a checkpoint directory."""
     p = Path(path)
-    if (p / "model.safetensors").is_file() and (p / "model.json").is_file():
+    if (p / "model.json").is_file() and ((p / "model.safetensors").is_file() or (p / ".metadata.json").is_file()):
         return p
     latest = latest_checkpoint(p)
     if latest is None:
@@ -149,5 +218,10 @@ def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
     model.init_buffers(device)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    load_weights(model, ckpt / "model.safetensors")
+    from scalelm.parallel import checkpoint as dcp_ckpt
+
+    if dcp_ckpt.is_dcp_checkpoint(ckpt):
+        dcp_ckpt.load_model_weights(ckpt, model)
+    else:
+        load_weights(model, ckpt / "model.safetensors")
     return model.eval()

@@ -19,12 +19,18 @@ def _decays(name: str, param: torch.Tensor) -> bool:
     return param.dim() >= 2
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module | list[nn.Module], cfg: OptimConfig, zero1_mesh=None
+                     ) -> list[torch.optim.Optimizer]:
     """AdamW over all parameters, or Muon on the hidden (block) matrices + AdamW on the rest.
 
+    `model` may be a list of model parts (pipeline stages on this rank): one optimizer spans them all. With
+    `zero1_mesh` (ZeRO-1) each optimizer is a ZeroRedundancyOptimizer sharding its states over that mesh.
     Returned as a list so the trainer steps, zeroes and checkpoints them uniformly.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    from scalelm.parallel.checkpoint import canonical_name
+
+    parts = model if isinstance(model, list) else [model]
+    named = [(canonical_name(n, False), p) for part in parts for n, p in part.named_parameters() if p.requires_grad]
     use_muon = cfg.name == "muon"
     muon_params = [p for n, p in named if use_muon and n.startswith("layers.") and p.dim() == 2]
     muon_ids = {id(p) for p in muon_params}
@@ -36,17 +42,28 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
         {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
     ]
     groups = [g for g in groups if g["params"]]
+    adam_kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    muon_groups = [{"params": muon_params, "base_lr": cfg.muon_lr}]
+    if zero1_mesh is not None:
+        from scalelm.parallel.data_parallel import zero1_optimizer
+
+        optimizers = [zero1_optimizer(torch.optim.AdamW, groups, zero1_mesh, foreach=True, **adam_kwargs)]
+        if muon_params:
+            optimizers.append(zero1_optimizer(torch.optim.Muon, muon_groups, zero1_mesh, lr=cfg.muon_lr,
+                                              weight_decay=cfg.weight_decay))
+        return optimizers
     # fused AdamW runs one kernel over all tensors (CPU and CUDA); it needs plain (non-DTensor) params on
     # one device type, which the parallel path may not have — foreach is the fallback.
+    dtensors = any(type(p).__name__ == "DTensor" for _, p in named)
     try:
-        adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+        if dtensors:
+            raise TypeError("DTensor parameters")
+        adamw = torch.optim.AdamW(groups, fused=True, **adam_kwargs)
     except (RuntimeError, TypeError):
-        adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+        adamw = torch.optim.AdamW(groups, foreach=True, **adam_kwargs)
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if muon_params:
-        optimizers.append(torch.optim.Muon(
-            [{"params": muon_params, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-        ))
+        optimizers.append(torch.optim.Muon(muon_groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
     return optimizers
 
 

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from scalelm.config import Config, ConfigError, to_toml
 from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
+from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
-from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint
+from scalelm.parallel import ParallelDims, init_distributed, parallelize
+from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
 from scalelm.train.peak import peak_flops
-from scalelm.train.trainer import Trainer, resolve_precision
+from scalelm.train.trainer import Trainer, resolve_precision, token_loss
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -49,10 +54,24 @@ def _trim_metrics(run_dir: Path, step: int) -> None:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train per `cfg`; returns the final `end` record."""
+    """Train per `cfg`; returns the final `end` record. Under torchrun (WORLD_SIZE > 1) every rank runs this."""
     device = resolve_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    owns_group = not dist.is_initialized()  # a caller that set up the process group also tears it down
+    rank, world_size = init_distributed(device)
+    try:
+        return _train(cfg, device, rank, world_size)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
+    dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
+    lead = rank == 0  # only rank 0 writes files other than checkpoint shards
     run_dir = Path(cfg.out)
     data_dir = Path(cfg.data.path) if cfg.data.path else default_dataset()
     meta = load_dataset_meta(data_dir)
@@ -66,33 +85,54 @@ def train(cfg: Config) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
 
     resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_from is None and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
 
     model = build_model(cfg, device, cfg.seed)
-    if cfg.train.compile:
-        for block in model.layers.values():
-            block.compile()
-    optimizers = build_optimizers(model, cfg.optim)
-    loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
+    parallel = None
+    if dims is None:
+        if cfg.train.compile:
+            for block in model.layers.values():
+                block.compile()
+        optimizers = build_optimizers(model, cfg.optim)
+        loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
+    else:
+        # Every rank built the same full model from the same seed (CPU init): each layout starts from the
+        # single-process weights. Now PP split → TP → AC → compile → FSDP/DDP, then optimizers over the result.
+        mesh = dims.build_mesh(device.type)
+        loss_fn = partial(token_loss, tokens_per_step=cfg.train.global_batch * cfg.train.seq_len,
+                          tp_mesh=mesh["tp"] if dims.tp > 1 else None)
+        parallel = parallelize(model, cfg, dims, mesh, device, loss_fn)
+        zero1 = dims.flat["dp"] if dims.ddp and dims.zero == 1 else None
+        optimizers = build_optimizers(parallel.parts, cfg.optim, zero1_mesh=zero1)
+        model = parallel.parts[0] if dims.pp == 1 else None
+        loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed,
+                             dp_rank=parallel.coords["dp"], dp_size=dims.dp)
     peak, peak_note = peak_flops(device, precision.name)
     start_step = 0
     state = None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizers)
+        if parallel is None:
+            state = load_checkpoint(resume_from, model, optimizers)
+        else:
+            state = load_distributed_checkpoint(resume_from, parallel.parts, optimizers, cfg.model)
         start_step = state["step"]
-        _trim_metrics(run_dir, start_step)
-    logger = MetricsLogger(run_dir, cfg.train.steps, start_step, progress=cfg.metrics.progress,
+        if lead:
+            _trim_metrics(run_dir, start_step)
+    logger = MetricsLogger(run_dir, cfg.train.steps, start_step, enabled=lead, progress=cfg.metrics.progress,
                            tensorboard=cfg.metrics.tensorboard)
     trainer = Trainer(cfg, model, optimizers, loader, open_split(data_dir, "val"), tokenizer, run_dir, device,
-                      precision, logger, peak)
+                      precision, logger, peak, parallel)
     if state is not None:
         trainer.load_state_dict(state)
         logger.print(f"resumed from {resume_from} at step {start_step}")
-    logger.print(f"model {cfg.model.preset or 'custom'}: {model.num_params():,} parameters, "
+    if dims is not None:
+        logger.print(f"parallel: {dims.describe()}, backend {dist.get_backend()}")
+    logger.print(f"model {cfg.model.preset or 'custom'}: {num_params(cfg.model):,} parameters, "
                  f"{trainer.flops_per_token / 1e6:.1f} MFLOP/token; data {data_dir.name} "
                  f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}; "
                  f"{peak_note}")

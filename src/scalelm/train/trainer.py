@@ -1,6 +1,10 @@
 """The training loop. Follow one step top to bottom in `train_step`: batch → forward → loss → backward
-(per micro-batch) → clip → schedule → optimizer step → zero grad. Everything stateful (model, optimizers,
-loader, step) is saved by one checkpoint call and restored by one load.
+(per micro-batch, or one pipeline schedule) → clip → schedule → optimizer step → zero grad. Everything stateful
+(model, optimizers, loader, step) is saved by one checkpoint call and restored by one load.
+
+A distributed run (`parallel` is not None) runs the same loop on every rank: this rank's slice of the global
+batch, this rank's model part(s); the loss is still the sum over tokens divided by the GLOBAL token count, so
+summing it over data-parallel ranks and pipeline stages gives the single-process loss. Only rank 0's logger writes.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from scalelm.config import Config
 from scalelm.data import BatchLoader, eval_batches
+from scalelm.model.counting import flops_per_token
 from scalelm.model.sample import sample
-from scalelm.train.checkpoint import save_checkpoint, state_sha256, unique_state
+from scalelm.parallel.comm import CommCounter
+from scalelm.parallel.parallelize import Parallel, clip_grad_norm_, gather_full_state, unwrap
+from scalelm.train.checkpoint import save_checkpoint, save_distributed_checkpoint, state_sha256, unique_state
 from scalelm.train.metrics import MetricsLogger, now
 from scalelm.train.optim import lr_factor, set_lr
 
@@ -65,20 +74,37 @@ def memory_gib(device: torch.device) -> float:
     return peak_kib / 2**20 if sys.platform != "darwin" else peak_kib / 2**30
 
 
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, tokens_per_step: int, tp_mesh=None) -> torch.Tensor:
+    """Sum of token cross-entropies / global tokens: k micro-batches of b (on any number of ranks) give
+    exactly the gradient of one batch of k·b. Under TP the logits are this rank's vocabulary shard: as a
+    DTensor(Shard(-1)), cross-entropy under `loss_parallel` never gathers them."""
+    if tp_mesh is not None:
+        logits = DTensor.from_local(logits, tp_mesh, [Shard(-1)], run_check=False)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum") / tokens_per_step
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A loss computed by loss_parallel is a replicated DTensor; its local value is the loss."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class Trainer:
-    def __init__(self, cfg: Config, model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: BatchLoader,
-                 val_tokens, tokenizer, run_dir: Path, device: torch.device, precision: Precision,
-                 logger: MetricsLogger, peak_flops: float | None):
+    parallel: Parallel | None = None  # None: one process, the plain model
+
+    def __init__(self, cfg: Config, model: nn.Module | None, optimizers: list[torch.optim.Optimizer],
+                 loader: BatchLoader, val_tokens, tokenizer, run_dir: Path, device: torch.device, precision: Precision,
+                 logger: MetricsLogger, peak_flops: float | None, parallel: Parallel | None = None):
         self.cfg, self.model, self.optimizers, self.loader = cfg, model, optimizers, loader
         self.tokenizer, self.run_dir, self.device, self.precision = tokenizer, run_dir, device, precision
-        self.logger, self.peak_flops = logger, peak_flops
+        self.logger, self.peak_flops, self.parallel = logger, peak_flops, parallel
+        self.pipeline = parallel.schedule if parallel is not None else None  # None: `model` runs the whole forward
         self.step = 0
         t = cfg.train
         self.local_batch = t.global_batch // loader.dp_size
         self.micro_batch = t.micro_batch or self.local_batch
         self.tokens_per_step = t.global_batch * t.seq_len  # the loss is normalized by the GLOBAL token count
-        self.flops_per_token = model.flops_per_token(t.seq_len)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.params = parallel.norm_params() if parallel else [p for p in model.parameters() if p.requires_grad]
         self.val_batches = eval_batches(val_tokens, t.seq_len, min(t.global_batch, 32), t.eval_batches)
         self.last_val_loss: float | None = None
 
@@ -92,18 +118,28 @@ class Trainer:
         self.last_val_loss = state.get("last_val_loss")
 
     # ---- one optimizer step -------------------------------------------------------------------------
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return token_loss(logits, targets, self.tokens_per_step, self.parallel.tp_mesh if self.parallel else None)
+
+    def loss_context(self):
+        return self.parallel.loss_context() if self.parallel is not None else contextlib.nullcontext()
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        x, y = self.loader.next_batch()
+        x, y = self.loader.next_batch()  # this data-parallel rank's rows of the global batch
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        loss_sum = torch.zeros((), device=self.device)
-        for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
-            with self.precision.autocast(self.device):
-                logits = self.model(xm)
-            # sum over tokens / global tokens: k micro-batches of b give exactly the gradient of one batch of k·b
-            loss = F.cross_entropy(logits.float().flatten(0, 1), ym.flatten(), reduction="sum") / self.tokens_per_step
-            scaled = self.precision.scaler.scale(loss) if self.precision.scaler else loss
-            scaled.backward()
-            loss_sum += loss.detach()
+        if self.pipeline is not None:
+            loss_sum = self.pipeline_step(x, y)
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+            micro = list(zip(x.split(self.micro_batch), y.split(self.micro_batch)))
+            for i, (xm, ym) in enumerate(micro):
+                with self.grad_sync(last=i == len(micro) - 1), self.loss_context():
+                    with self.precision.autocast(self.device):
+                        logits = self.model(xm)
+                    loss = self.loss_fn(logits, ym)
+                    scaled = self.precision.scaler.scale(loss) if self.precision.scaler else loss
+                    scaled.backward()
+                loss_sum += _plain(loss.detach())
         if self.precision.scaler:
             for opt in self.optimizers:
                 self.precision.scaler.unscale_(opt)
@@ -120,30 +156,91 @@ class Trainer:
         self.step += 1
         return loss_sum, grad_norm, lr
 
+    def pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One schedule runs forward and backward of all pipeline micro-batches; the last stage computes the loss."""
+        losses: list[torch.Tensor] = []
+        target = y if self.parallel.has_last_stage else None
+        with self.loss_context(), self.precision.autocast(self.device):
+            if self.parallel.has_first_stage:
+                self.pipeline.step(x, target=target, losses=losses)
+            else:
+                self.pipeline.step(target=target, losses=losses)
+        if self.parallel.tied is not None:
+            self.parallel.tied.sync_grads()  # head copy on the last stage + embedding on the first
+        return sum((_plain(loss.detach()) for loss in losses), torch.zeros((), device=self.device))
+
+    def grad_sync(self, last: bool):
+        """Data-parallel gradient reduction only after the last micro-batch of a step."""
+        if self.parallel is None or self.micro_batch == self.local_batch:
+            return contextlib.nullcontext()
+        return self.parallel.grad_sync(self.model, last)
+
     def clip_gradients(self) -> torch.Tensor:
-        """Scale all gradients so their global L2 norm is at most optim.grad_clip; returns the pre-clip norm."""
+        """Scale all gradients so their global L2 norm is at most optim.grad_clip; returns the pre-clip norm.
+        Distributed: the norm over every rank's gradients (DP, TP and PP), computed once and identical on all."""
         clip = self.cfg.optim.grad_clip or float("inf")
-        return torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.parallel is None:
+            return torch.nn.utils.clip_grad_norm_(self.params, clip)
+        return clip_grad_norm_(self.params, clip, self.parallel.pp_group, self.parallel.tied_copies())
+
+    def global_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """This rank's partial loss summed over data-parallel ranks and pipeline stages (a collective)."""
+        return self.parallel.sum_over_dp_pp(loss_sum) if self.parallel is not None else loss_sum
 
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
+        """Mean validation loss over fixed batches. Distributed runs evaluate every batch on all data-parallel
+        ranks (replicated: simple, and cheap next to training); pipelines pass each batch stage by stage."""
+        parts = self.parallel.parts if self.parallel is not None else [self.model]
+        for part in parts:
+            part.eval()
         total = 0.0
         for x, y in self.val_batches:
             x, y = x.to(self.device), y.to(self.device)
-            with self.precision.autocast(self.device):
-                logits = self.model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
-        self.model.train()
+            if self.pipeline is not None:
+                total += self.pipeline_eval(x, y)
+                continue
+            with self.loss_context():
+                with self.precision.autocast(self.device):
+                    logits = self.model(x)
+                if self.parallel is not None and self.parallel.tp_mesh is not None:
+                    logits = DTensor.from_local(logits, self.parallel.tp_mesh, [Shard(-1)], run_check=False)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            total += _plain(loss).item()
+        for part in parts:
+            part.train()
+        if self.parallel is not None:
+            self.parallel.reshard()
         return total / len(self.val_batches)
 
-    def sample_text(self, n_tokens: int) -> str:
-        """A sample from a fixed prompt with its own generator, so sampling never shifts the training RNG."""
+    def pipeline_eval(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Mean loss of one batch through the pipeline, forward only; the last stage shares it with the others."""
+        m, p = self.cfg.model, self.cfg.parallel
+        seq = x.shape[1] // p.tp if p.sequence_parallel and p.tp > 1 else x.shape[1]
+        with self.precision.autocast(self.device):
+            logits = self.parallel.pipeline_forward(x, (x.shape[0], seq, m.d_model))
+        loss = torch.zeros((), device=self.device)
+        if logits is not None:
+            with self.loss_context():
+                if self.parallel.tp_mesh is not None:
+                    logits = DTensor.from_local(logits, self.parallel.tp_mesh, [Shard(-1)], run_check=False)
+                loss = _plain(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
+        dist.all_reduce(loss, group=self.parallel.pp_group)  # the same batch on every data-parallel rank
+        return loss.item()
+
+    def sample_text(self, n_tokens: int) -> str | None:
+        """A sample from a fixed prompt with its own generator, so sampling never shifts the training RNG.
+        Distributed runs sample in lockstep on every rank; not with TP or PP (the logits are split)."""
+        if self.parallel is not None and (self.parallel.dims.tp > 1 or self.parallel.dims.pp > 1):
+            return None
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
         prompt = torch.tensor([self.tokenizer.encode("\n")], device=self.device)
+        model = unwrap(self.model) if self.parallel is not None and self.parallel.dims.ddp else self.model
         with self.precision.autocast(self.device):
-            out = sample(self.model, prompt, n_tokens, generator=gen, vocab_limit=self.tokenizer.vocab_size)
+            out = sample(model, prompt, n_tokens, generator=gen, vocab_limit=self.tokenizer.vocab_size)
+        if self.parallel is not None:
+            self.parallel.reshard()
         return self.tokenizer.decode(out[0, 1:].tolist())
 
     def eval_and_log(self) -> float:
@@ -152,7 +249,9 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                                   "val_bits_per_token": val_loss / LN2}
         if self.cfg.train.sample_tokens:
-            record["sample"] = self.sample_text(self.cfg.train.sample_tokens)
+            text = self.sample_text(self.cfg.train.sample_tokens)
+            if text is not None:
+                record["sample"] = text
         self.logger.log(record)
         self.logger.print(f"step {self.step}: val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f}, "
                           f"{record['val_bits_per_token']:.3f} bits/token)")
@@ -166,17 +265,25 @@ class Trainer:
         interval_start, interval_steps = now(), 0
         while self.step < t.steps:
             step_start = now()
-            loss, grad_norm, lr = self.train_step()
+            # Distributed: count the bytes handed to collectives during each logged step (a dispatch mode that
+            # slows that one step, so it is left out of the throughput below).
+            counting = self.parallel is not None and ((self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps)
+            with CommCounter() if counting else contextlib.nullcontext() as comm:
+                loss, grad_norm, lr = self.train_step()
+            counted_s = now() - step_start if counting else 0.0
             interval_steps += 1
             if self.step % t.log_every == 0 or self.step == t.steps:
-                loss_value = loss.item()  # .item() syncs with the device: only on log steps
-                elapsed = now() - interval_start
-                tokens_per_s = interval_steps * self.tokens_per_step / elapsed
+                loss_value = self.global_loss(loss).item()  # .item() syncs with the device: only on log steps
+                elapsed, steps_timed = now() - interval_start, interval_steps
+                if counting and interval_steps > 1:
+                    elapsed, steps_timed = elapsed - counted_s, interval_steps - 1
+                tokens_per_s = steps_timed * self.tokens_per_step / elapsed
                 self.logger.log({
                     "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                    "tokens_per_s": tokens_per_s, "step_time_s": elapsed / interval_steps,
+                    "tokens_per_s": tokens_per_s, "step_time_s": elapsed / steps_timed,
                     "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None,
                     "mem_gib": memory_gib(self.device),
+                    **({"comm_bytes": comm.bytes} if counting else {}),
                 })
                 self.logger.advance(self.step, f"loss {loss_value:.4f}  {tokens_per_s:,.0f} tok/s")
                 if not math.isfinite(loss_value):
@@ -189,11 +296,26 @@ class Trainer:
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                 self.eval_and_log()
             if ck.every and self.step % ck.every == 0 and self.step < t.steps:
-                save_checkpoint(self.run_dir, self.step, self.model, self.optimizers, self.state_dict(), ck.keep)
+                self.save()
             interval_start += now() - pause  # evaluation and checkpoints do not count as training time
         val_loss = self.eval_and_log()
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizers, self.state_dict(), ck.keep)
-        end = {"event": "end", "step": self.step, "val_loss": val_loss,
-               "params_sha256": state_sha256(unique_state(self.model))}
+        self.save()
+        end = {"event": "end", "step": self.step, "val_loss": val_loss, "params_sha256": self.params_sha256()}
         self.logger.log(end)
         return end
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        if self.parallel is None:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizers, self.state_dict(), ck.keep)
+        else:
+            save_distributed_checkpoint(self.run_dir, self.step, self.parallel.parts, self.optimizers,
+                                        self.state_dict(), ck.keep, self.cfg.model)
+
+    def params_sha256(self) -> str | None:
+        """Hash of the full model: gathered from all ranks in a distributed run (the same weights hash the same
+        on every layout)."""
+        if self.parallel is None:
+            return state_sha256(unique_state(self.model))
+        full = gather_full_state(self.parallel, self.cfg.model.tie_embeddings)
+        return state_sha256(full) if full is not None else None

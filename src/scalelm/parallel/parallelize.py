@@ -1,0 +1,209 @@
+"""Apply parallelism to a plain model, in the fixed order: PP split → per stage TP → AC → compile → FSDP/DDP.
+
+`parallelize` returns a `Parallel` — everything the trainer needs to run a step on this rank: the model parts,
+the pipeline schedule (or None), the mesh and the groups for reductions. Each apply_* function logs what it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from scalelm.config import Config
+from scalelm.parallel.ac import apply_ac
+from scalelm.parallel.data_parallel import apply_ddp, apply_fsdp
+from scalelm.parallel.dims import ParallelDims, coordinates
+from scalelm.parallel.pipeline import TiedEmbeddings, build_schedule, forward_only, split_model, stage_owners
+from scalelm.parallel.tp import apply_tp
+
+log = logging.getLogger("scalelm.parallel")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR in the environment): NCCL on
+    CUDA, gloo on CPU. Returns (rank, world size); (0, 1) and no process group for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class Parallel:
+    dims: ParallelDims
+    mesh: DeviceMesh
+    parts: list[nn.Module]
+    schedule: object | None = None
+    has_first_stage: bool = True
+    has_last_stage: bool = True
+    tied: TiedEmbeddings | None = None
+    coords: dict[str, int] = field(default_factory=dict)
+    stage_ids: list[int] = field(default_factory=lambda: [0])
+    stage_owners: list[int] = field(default_factory=lambda: [0])
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["tp"] if self.dims.tp > 1 else None
+
+    @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+
+    def loss_context(self):
+        """loss_parallel when the head's logits are sharded on the vocabulary (TP), else nothing."""
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
+
+    def sum_over_dp_pp(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank partial loss over data-parallel ranks and pipeline stages (not TP: it is replicated)."""
+        value = value.detach().clone()
+        dist.all_reduce(value, group=self.dims.flat["pp_dp"].get_group())
+        return value
+
+    def grad_sync(self, model: nn.Module, sync: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+        if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+            return model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def reshard(self) -> None:
+        """Free gathered FSDP parameters. Needed after a forward without backward (evaluation) under ZeRO-2,
+        where nothing else reshards them — and the optimizer and checkpoints see the sharded parameters."""
+        for part in self.parts:
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    def pipeline_forward(self, x: torch.Tensor, hidden_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Forward-only pass of a whole batch through the pipeline (evaluation); output on the last stage."""
+        return forward_only(self.parts, self.stage_ids, self.stage_owners, self.pp_group, x, hidden_shape)
+
+    def tied_copies(self) -> list[nn.Parameter]:
+        return [self.tied.last] if self.tied is not None and self.tied.last is not None else []
+
+    def norm_params(self) -> list[nn.Parameter]:
+        """Parameters counted in the global gradient norm: the tied head copy on the last stage counts once."""
+        skip = {id(self.tied.last)} if self.tied is not None and self.tied.last is not None else set()
+        seen, out = set(), []
+        for part in self.parts:
+            for p in part.parameters():
+                if id(p) not in seen and id(p) not in skip and p.requires_grad:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+
+def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, mesh: DeviceMesh, device: torch.device,
+                loss_fn=None) -> Parallel:
+    """`model` is the full model, identical on every rank (built from the run seed on CPU, then moved), so every
+    layout starts from the single-process weights. Meta-device init for models that do not fit is a later step."""
+    p = cfg.parallel
+    coords = coordinates(mesh, dims.flat["dp"])
+    # 1. PP split
+    if dims.pp > 1:
+        ids, parts = split_model(model, coords["pp"], dims.pp, dims.stages_per_rank, p.pp_schedule)
+    else:
+        ids, parts = [0], [model]
+    n_stages = dims.pp * dims.stages_per_rank if dims.pp > 1 else 1
+    for i, part in enumerate(parts):
+        # 2. TP (+ sequence parallel)
+        if dims.tp > 1:
+            apply_tp(part, mesh["tp"], p.sequence_parallel)
+        # 3. activation checkpointing
+        apply_ac(part, p.activation_checkpoint, p.ac_every)
+        # 4. compile, block by block
+        if cfg.train.compile:
+            for block in part.layers.values():
+                block.compile()
+            log.info("compiled %d blocks", len(part.layers))
+        # 5. data parallel
+        if dims.fsdp:
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            apply_fsdp(part, dp_mesh, p.zero, p.cpu_offload)
+        elif dims.ddp:
+            parts[i] = apply_ddp(part, dims.flat["dp"], p.grad_compression, p.powersgd_rank, p.powersgd_start_step)
+    par = Parallel(dims, mesh, parts, coords=coords)
+    if dims.pp > 1:
+        par.schedule = build_schedule(parts, ids, n_stages, mesh["pp"], device, p.pp_schedule, dims.microbatches,
+                                      loss_fn)
+        par.has_first_stage, par.has_last_stage = 0 in ids, n_stages - 1 in ids
+        par.stage_ids, par.stage_owners = ids, stage_owners(dims.pp, dims.stages_per_rank, p.pp_schedule)
+        if cfg.model.tie_embeddings:
+            par.tied = TiedEmbeddings([unwrap(m) for m in parts], mesh, dims.pp, par.stage_owners[-1])
+    return par
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The GPT (or stage) inside a DDP wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---- gradient norm ----------------------------------------------------------------------------------
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None, copies: list = ()) -> torch.Tensor:
+    """Clip to the global L2 norm over all ranks: DTensor gradients (FSDP/TP shards) reduce over their mesh,
+    plain ones are replicas; pipeline stages hold disjoint parameters, so their squared norms are summed.
+    `copies` (a tied head's copy on the last stage) are scaled like the rest but not counted twice."""
+    grads = [p.grad for p in params if p.grad is not None]
+    groups: dict[object, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else "plain"
+        groups.setdefault(key, []).append(g)
+    total_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq += norm.float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
+    # as torch.nn.utils.clip_grads_with_norm_, but per group: foreach ops do not mix DTensors and tensors
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for group in groups.values():
+        torch._foreach_mul_(group, coef)
+    for p in copies:
+        if p.grad is not None:
+            p.grad.mul_(coef)
+    return total
+
+
+# ---- the full model, gathered -----------------------------------------------------------------------
+@torch.no_grad()
+def gather_full_state(par: Parallel, tied: bool) -> dict[str, torch.Tensor] | None:
+    """Every parameter, full size, on CPU, under its single-process name — on global rank 0 (None elsewhere).
+    A tied head is kept once (as the embedding), as in the single-process `unique_state`."""
+    from scalelm.parallel.checkpoint import named_parameters
+
+    local: dict[str, torch.Tensor] = {}
+    for name, p in named_parameters(par.parts, tied):
+        full = p.full_tensor() if isinstance(p, DTensor) else p  # collective over the DTensor's mesh
+        local.setdefault(name, full.detach().cpu().clone())
+    if par.dims.pp == 1:
+        return local if dist.get_rank() == 0 else None
+    # Pipeline ranks hold different parameters: ranks at data/tensor coordinate 0 send theirs to rank 0.
+    sender = par.coords["dp"] == 0 and par.coords["tp"] == 0
+    gathered: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local if sender else {}, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    full: dict[str, torch.Tensor] = {}
+    for piece in gathered:
+        for k, v in piece.items():
+            full.setdefault(k, v)
+    return full

@@ -1,0 +1,78 @@
+"""Tensor parallelism (Megatron layout) as declarative plans handed to `parallelize_module`.
+
+Per block: q/k/v and the MLP up-projections (w1, w3) are split by column (output features = heads / hidden
+units), the attention output wo and the MLP down-projection w2 by row, so each block needs one all-reduce in
+forward per sub-layer. The token embedding is split over the vocabulary (rows) and the head over the vocabulary
+(columns); the head's output stays sharded on the vocabulary and the loss is computed by `loss_parallel`
+without ever gathering the logits. With sequence parallelism the norms (and the residual stream between
+sub-layers) are sharded along the sequence: the all-reduces become reduce-scatter + all-gather pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+log = logging.getLogger("scalelm.parallel")
+
+
+def root_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, object]:
+    """Plan for the embedding, final norm and head (those this pipeline stage owns)."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    plan: dict[str, object] = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if model.norm is not None and sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        # Local logits sharded on the vocabulary; the loss wraps them as DTensor(Shard(-1)) for loss_parallel.
+        plan["output"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=True)
+    return plan
+
+
+def block_plan(gated_mlp: bool, sequence_parallel: bool) -> dict[str, object]:
+    """Plan for one Transformer block: which weight is split by column, which by row."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    plan: dict[str, object] = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=seq),
+        "mlp.w1": ColwiseParallel(),
+        "mlp.w2": RowwiseParallel(output_layouts=seq),
+    }
+    if gated_mlp:
+        plan["mlp.w3"] = ColwiseParallel()
+    if sequence_parallel:
+        plan.update({
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "mlp_norm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        })
+    return plan
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Shard `model` (a GPT or one pipeline stage of it) in place over `tp_mesh`."""
+    tied = model.cfg.tie_embeddings and model.tok_embeddings is not None and model.output is not None
+    parallelize_module(model, tp_mesh, root_plan(model, sequence_parallel))
+    if tied:
+        # Both modules shard the shared table on dim 0 (vocabulary); parallelize_module made two DTensors of
+        # it, so tie them again: one parameter, one gradient, as in the single-process model.
+        model.output.weight = model.tok_embeddings.weight
+    gated = model.cfg.mlp == "swiglu"
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan(gated, sequence_parallel))
+    log.info("applied tensor parallelism over %d ranks%s", tp_mesh.size(),
+             " with sequence parallelism" if sequence_parallel else "")

@@ -8,7 +8,8 @@ from pathlib import Path
 from scalelm.cli import main
 
 TINY = ["--model.preset", "tiny", "--train.dtype", "fp32", "--train.global_batch", "8", "--train.seq_len", "32",
-        "--train.sample_tokens", "0", "--metrics.progress", "false", "--optim.warmup_steps", "3"]
+        "--train.sample_tokens", "0", "--metrics.progress", "false", "--optim.warmup_steps", "3",
+        "--optim.name", "adamw", "--train.eval_every", "0"]
 
 
 def train(out: Path, *extra: str) -> int:

@@ -37,15 +37,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "muon"] = "adamw"
-    """adamw; or muon = torch.optim.Muon on hidden matrices, AdamW on embeddings, head, norms and biases."""
+    name: Literal["auto", "adamw", "muon"] = "auto"
+    """muon = torch.optim.Muon on the blocks' matrices + AdamW on embeddings, head, norms and biases; adamw = AdamW
+    on everything; auto = muon where each rank holds whole matrices (one process, DDP, ZeRO-1, pipeline), adamw
+    when tensor parallelism or FSDP split them (Muon orthogonalizes whole matrices). Muon reached val loss 1.53 vs
+    AdamW's 1.67 after 300 steps of the default run (docs/benchmarks.md)."""
     lr: float = 3e-3
     """Peak learning rate (after warmup)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr (cosine, linear and the decay phase of wsd)."""
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     """After linear warmup: cosine or linear decay to min_lr, warmup-stable-decay, or constant."""
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     """Linear warmup from 0 to lr over these optimizer steps."""
     decay_fraction: float = 0.2
     """wsd only: share of the run spent in the final linear decay."""
@@ -56,17 +59,17 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 = no clipping (the norm is still logged)."""
-    muon_lr: float = 0.02
+    muon_lr: float = 0.03
     """Learning rate of the Muon group (name = muon)."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 240
     """Optimizer steps."""
     seq_len: int = 0
     """Tokens per sequence (<= model.max_seq_len); 0 = model.max_seq_len."""
-    global_batch: int = 64
+    global_batch: int = 32
     """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
     micro_batch: int = 0
     """Sequences per forward/backward on one rank; 0 = the whole local batch (no accumulation)."""
@@ -76,9 +79,9 @@ class TrainConfig:
     """torch.compile the blocks."""
     log_every: int = 10
     """Write a metrics line every N steps."""
-    eval_every: int = 250
+    eval_every: int = 120
     """Evaluate on the validation split every N steps (and at the end); 0 = only at the end."""
-    eval_batches: int = 20
+    eval_batches: int = 10
     """Batches of global_batch sequences per evaluation (the same windows every time)."""
     sample_tokens: int = 200
     """Tokens generated after each evaluation; 0 = none."""
@@ -338,6 +341,18 @@ def validate(cfg: Config) -> None:
     validate_parallel(cfg)
 
 
+def muon_fits(cfg: Config, tp: int, dp: int) -> bool:
+    """Muon needs whole matrices on each rank: no tensor parallelism, no FSDP sharding."""
+    return tp == 1 and not (dp > 1 and cfg.parallel.zero >= 2)
+
+
+def resolve_optimizer(cfg: Config, tp: int = 1, dp: int = 1) -> str:
+    """The optimizer `optim.name` means for this layout (`auto` → muon or adamw, see OptimConfig.name)."""
+    if cfg.optim.name != "auto":
+        return cfg.optim.name
+    return "muon" if muon_fits(cfg, tp, dp) else "adamw"
+
+
 def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     """Check the `parallel` section against the model and, when known, the world size; returns the resolved
     degrees {dp_replicate, dp_shard, tp, pp, stages_per_rank, microbatches}. Messages say what to change."""
@@ -407,7 +422,7 @@ def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, i
                           f"{fixed * p.dp_shard} but {world_size} processes were launched; set parallel.dp_shard=-1 "
                           f"or launch {fixed * p.dp_shard}")
     dp = degrees["dp_replicate"] * degrees["dp_shard"]
-    if cfg.optim.name == "muon" and (p.tp > 1 or (dp > 1 and p.zero >= 2)):
+    if cfg.optim.name == "muon" and not muon_fits(cfg, p.tp, dp):
         raise ConfigError("optim.name=muon orthogonalizes whole matrices, which tensor parallelism and FSDP split; "
                           "use parallel.zero=0 or 1 without tp, or optim.name=adamw")
     if t.global_batch % dp:

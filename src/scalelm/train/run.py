@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scalelm.config import Config, ConfigError, to_toml
+from scalelm.config import Config, ConfigError, resolve_optimizer, to_toml
 from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
 from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
@@ -71,6 +71,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
+    cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
     lead = rank == 0  # only rank 0 writes files other than checkpoint shards
     run_dir = Path(cfg.out)
     data_dir = Path(cfg.data.path) if cfg.data.path else default_dataset()

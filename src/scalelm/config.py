@@ -65,7 +65,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 240
+    steps: int = 225
     """Optimizer steps."""
     seq_len: int = 0
     """Tokens per sequence (<= model.max_seq_len); 0 = model.max_seq_len."""
@@ -79,7 +79,7 @@ class TrainConfig:
     """torch.compile the blocks."""
     log_every: int = 10
     """Write a metrics line every N steps."""
-    eval_every: int = 120
+    eval_every: int = 100
     """Evaluate on the validation split every N steps (and at the end); 0 = only at the end."""
     eval_batches: int = 10
     """Batches of global_batch sequences per evaluation (the same windows every time)."""

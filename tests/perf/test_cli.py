@@ -65,7 +65,7 @@ def test_hw_list_and_show(capsys):
 
 def test_plan_with_a_calibrated_file(tmp_path, capsys, monkeypatch):
     """`--hardware local` reads the calibrate output from the cache directory (file written by hand here)."""
-    from scalelm.perf.calibrate import write_toml
+    from scalelm.calibrate import write_toml
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     result = {"matmul": {"peak_tflops": 0.1, "k_overhead": 32.0, "kernel_overhead_us": 5.0,

@@ -237,7 +237,7 @@ def main_calibrate(argv: list[str]) -> int:
     p.add_argument("--no-collectives", action="store_true", help="skip the 2-process gloo measurement")
     args = p.parse_args(argv)
     try:
-        from scalelm.perf.calibrate import calibrate, write_toml
+        from scalelm.calibrate import calibrate, write_toml
     except ImportError as exc:  # pragma: no cover - torch missing
         return _fail(f"calibrate needs PyTorch ({exc}); pip install torch")
     try:

@@ -83,17 +83,26 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizers
     cfg: ModelConfig = model.cfg  # type: ignore[assignment]
     (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+    _publish(tmp, final, run_dir, keep)
+    return final
+
+
+def _rng_state() -> dict[str, Any]:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+    return rng
+
+
+def _publish(tmp: Path, final: Path, run_dir: str | Path, keep: int) -> None:
+    """Rename a finished checkpoint into place (replacing one of the same step) and prune all but `keep`."""
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _rank_world() -> tuple[int, int]:
@@ -120,19 +129,12 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, parts: list[nn.M
     torch.distributed.barrier()
     dcp_ckpt.save(tmp, parts, optimizers, model_cfg.tie_embeddings)
     # Per-rank RNG (dropout masks): restored only on the same layout, where it means the same thing.
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng_rank{rank}_of{world}.pt")
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}_of{world}.pt")
     torch.distributed.barrier()
     if rank == 0:
         (tmp / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, run_dir, keep)
     torch.distributed.barrier()
     return final
 

@@ -172,9 +172,9 @@ def cmd_prepare(argv: list[str]) -> int:
 
     meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction)
-    counts = meta.get("tokens", meta.get("token_counts", {}))
-    print(f"wrote {args.out}: vocab {meta['vocab_size']}, tokens {counts}; train with "
-          f"`scalelm train --data.path {args.out}`")
+    counts = ", ".join(f"{name} {split['tokens']:,}" for name, split in meta["splits"].items())
+    print(f"wrote {args.out}: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, tokens: {counts}; "
+          f"train with `scalelm train --data.path {args.out} --model.vocab_size {64 * -(-meta['vocab_size'] // 64)}`")
     return 0
 
 

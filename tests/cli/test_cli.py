@@ -84,3 +84,12 @@ def test_generate_and_report_from_a_trained_run(tmp_path, capsys):
 def test_info_prints_presets(capsys):
     assert main(["info", "gpt2-124m"]) == 0
     assert "124,439,808" in capsys.readouterr().out
+
+
+def test_prepare_then_train_on_own_text(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question\n" * 200)
+    assert main(["prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "ds")]) == 0
+    out = capsys.readouterr().out
+    assert "char tokenizer" in out and "train 7,380, val 820" in out
+    assert train(tmp_path / "run", "--data.path", str(tmp_path / "ds"), "--train.steps", "2",
+                 "--train.log_every", "1") == 0

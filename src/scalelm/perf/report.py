@@ -70,30 +70,28 @@ def human_duration(seconds: float) -> str:
     return f"{_num(seconds)} s"
 
 
+def _scaled(value: float, units: tuple[str, str, str], step: float) -> str:
+    """`value` given in the middle unit, shown in the small, middle or large one (a factor `step` apart)."""
+    small, middle, large = units
+    if value >= step:
+        return f"{_num(value / step)} {large}"
+    if value >= 1:
+        return f"{_num(value)} {middle}"
+    return f"{_num(value * step)} {small}"
+
+
 def human_energy(kwh: float) -> str:
     """kWh below 1 MWh, MWh above (Wh below 1 kWh)."""
-    if kwh >= 1000:
-        return f"{_num(kwh / 1000)} MWh"
-    if kwh >= 1:
-        return f"{_num(kwh)} kWh"
-    return f"{_num(kwh * 1000)} Wh"
+    return _scaled(kwh, ("Wh", "kWh", "MWh"), 1000.0)
 
 
 def human_mass(kg: float) -> str:
     """CO2e in g, kg or t."""
-    if kg >= 1000:
-        return f"{_num(kg / 1000)} t"
-    if kg >= 1:
-        return f"{_num(kg)} kg"
-    return f"{_num(kg * 1000)} g"
+    return _scaled(kg, ("g", "kg", "t"), 1000.0)
 
 
 def human_bytes(gib: float) -> str:
-    if gib >= 1024:
-        return f"{_num(gib / 1024)} TiB"
-    if gib >= 1:
-        return f"{_num(gib)} GiB"
-    return f"{_num(gib * 1024)} MiB"
+    return _scaled(gib, ("MiB", "GiB", "TiB"), 1024.0)
 
 
 def human_usd(usd: float) -> str:

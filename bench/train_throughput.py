@@ -6,6 +6,10 @@
 MFU = flops_per_token × tokens/s / peak, where the peak is the device's: a data-sheet figure on known GPUs, the
 measured best square-matmul rate of the same dtype on a CPU (scalelm.train.peak). Each row times full optimizer
 steps (forward, backward, clip, AdamW) after warm-up steps, and reports the median.
+
+On a CPU the peak is measured again in this process, just before and just after each row, and the higher of the
+two is used (`--peak cached` uses the trainer's cached figure instead): a shared VM's speed drifts by tens of
+percent between minutes, so a peak measured at another time would say more about the neighbours than the model.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from scalelm.model.gpt import GPT
 from scalelm.train.peak import cpu_peak_flops, gpu_peak_flops
 
 
-def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps: int, device: str) -> dict:
+def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps: int, device: str,
+            fresh_peak: bool) -> dict:
     torch.manual_seed(0)
     cfg = get_preset(preset)
     model = GPT(cfg).to(device)
@@ -31,6 +36,7 @@ def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    peak_before = cpu_peak_flops(dtype, refresh=True) if device == "cpu" and fresh_peak else None
     times = []
     for i in range(steps + 3):
         start = time.perf_counter()
@@ -49,6 +55,8 @@ def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps
     tokens_per_s = batch * seq / step_s
     if device == "cuda":
         peak = gpu_peak_flops(torch.cuda.get_device_name(), dtype)
+    elif fresh_peak:
+        peak = max(peak_before, cpu_peak_flops(dtype, refresh=True))
     else:
         peak = cpu_peak_flops(dtype)
     flops = model.flops_per_token(seq) * tokens_per_s
@@ -65,6 +73,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=0, help="0 = the model's max_seq_len")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--peak", choices=["fresh", "cached"], default="fresh",
+                   help="CPU: measure the matmul peak around each row (fresh) or use the cached figure")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     seq = args.seq or get_preset(args.preset).max_seq_len
@@ -75,7 +85,7 @@ def main() -> None:
           f"{'peak':>8} {'MFU':>6}")
     for dtype in dtypes:
         for compiled in compiles:
-            r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device)
+            r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device, args.peak == "fresh")
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
             peak = f"{r['peak_gflops']:.0f}" if r["peak_gflops"] else "n/a"
             print(f"{r['preset']:18} {dtype:5} {str(compiled):7} {f'{args.batch}×{seq}':>10} "

@@ -29,6 +29,27 @@ def test_causal_mask_later_tokens_do_not_change_earlier_logits(variant):
     assert not torch.allclose(a[:, 20:], b[:, 20:])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_qkv_projection_matches_three_linears(variant):
+    """The fused q/k/v matmul (the default) is the same function, with the same gradients, as the three separate
+    projections tensor parallelism uses."""
+    torch.manual_seed(0)
+    model = GPT(replace(get_preset("tiny"), **VARIANTS[variant]))
+    ids = torch.randint(0, 128, (2, 32))
+    results = []
+    for fused in (True, False):
+        for block in model.layers.values():
+            block.attention.fuse_projections = fused
+        model.zero_grad()
+        logits = model(ids)
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fused_logits, fused_grads), (plain_logits, plain_grads) = results
+    torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_param_count_of_built_model_equals_closed_form(name):
     cfg = get_preset(name)

@@ -110,7 +110,8 @@ class MetricsConfig:
 @dataclass
 class ParallelConfig:
     """How ranks share the work (see docs/parallel.md). Used when the run has more than one process (torchrun);
-    a single process ignores this section. dp_replicate × dp_shard × tp × pp must equal the number of processes."""
+    a single process uses only activation_checkpoint. dp_replicate × dp_shard × tp × pp must equal the number of
+    processes."""
 
     dp_replicate: int = 1
     """Data-parallel replicas (with zero >= 2: the replicate dimension of HSDP)."""

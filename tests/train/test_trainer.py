@@ -91,3 +91,11 @@ def test_fresh_run_in_finished_directory_restarts_cleanly(tmp_path):
     train(tmp_path / "r", "--train.steps", "2", "--train.log_every", "1", "--checkpoint.resume", "false")
     records = metrics(tmp_path / "r")
     assert sum(1 for r in records if r.get("event") == "end") == 1
+
+
+def test_one_process_applies_activation_checkpointing(tmp_path, caplog):
+    caplog.set_level("INFO", logger="scalelm.parallel")
+    train(tmp_path / "plain", "--train.steps", "2", "--train.log_every", "1")
+    train(tmp_path / "ac", "--train.steps", "2", "--train.log_every", "1", "--parallel.activation_checkpoint", "full")
+    assert "applied full activation checkpointing to blocks 0, 1, 2, 3" in caplog.text
+    assert losses(tmp_path / "ac") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)

@@ -16,6 +16,7 @@ from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_t
 from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
 from scalelm.parallel import ParallelDims, init_distributed, parallelize
+from scalelm.parallel.ac import apply_ac
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
@@ -96,6 +97,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
     model = build_model(cfg, device, cfg.seed)
     parallel = None
     if dims is None:
+        apply_ac(model, cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
         if cfg.train.compile:
             for block in model.layers.values():
                 block.compile()

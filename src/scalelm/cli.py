@@ -52,6 +52,23 @@ def _pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
     return nproc, rest
 
 
+def _expand_parallel(argv: list[str]) -> list[str]:
+    """`--parallel auto` / `--parallel=auto` → `--parallel.auto true` (the planner picks the layout)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--parallel" or arg.startswith("--parallel="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value != "auto":
+                raise UsageError(f"--parallel takes only `auto` (got {value!r}); set degrees with --parallel.KEY VALUE")
+            out += ["--parallel.auto", "true"]
+            i += 1 if "=" in arg else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
     """The torchrun line `scalelm train --nproc N ARGS` runs: one machine, N processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -62,17 +79,28 @@ def cmd_train(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         from scalelm.config import all_keys
 
-        print("usage: scalelm train [--nproc N] [--config FILE.toml] [--SECTION.KEY VALUE ...]\n\n"
-              "--nproc N starts N processes with torchrun (the `parallel` section says how they share the work)\n\n"
+        print("usage: scalelm train [--nproc N] [--parallel auto] [--config FILE.toml] [--SECTION.KEY VALUE ...]\n\n"
+              "--nproc N starts N processes with torchrun (the `parallel` section says how they share the work)\n"
+              "--parallel auto lets the planner choose that layout for this hardware (= --parallel.auto true;\n"
+              "  hardware: --parallel.hardware NAME|FILE, or the GPU's built-in file, or `scalelm calibrate`'s)\n\n"
               "keys: " + ", ".join(all_keys()))
         return 0
     from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
 
     nproc, argv = _pop_nproc(argv)
+    argv = _expand_parallel(argv)
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         overrides = parse_overrides(argv)
         file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
-        validate_parallel(build_config(file_values, overrides), nproc)  # fail here, not in N processes
+        cfg = build_config(file_values, overrides)
+        if cfg.parallel.auto:  # plan once here; the ranks get the explicit layout
+            from scalelm.train.forecast import PLANNED_ENV, launch_flags
+
+            flags, line = launch_flags(cfg, nproc)
+            print(line)
+            argv = [*argv, *flags]
+            os.environ[PLANNED_ENV] = "1"
+        validate_parallel(cfg, nproc)  # fail here, not in N processes
         command = torchrun_command(nproc, argv)
         sys.stdout.flush()
         os.execv(command[0], command)  # replaces this process; torchrun's exit code becomes ours
@@ -144,7 +172,7 @@ def cmd_slurm(argv: list[str]) -> int:
         raise UsageError("--nodes and --nproc-per-node must be >= 1")
     from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
 
-    overrides = parse_overrides(train_args)
+    overrides = parse_overrides(_expand_parallel(train_args))
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
     validate_parallel(build_config(file_values, overrides), args.nodes * args.nproc_per_node)
     gpus = args.nproc_per_node if args.gpus_per_node is None else args.gpus_per_node

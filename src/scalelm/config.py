@@ -110,8 +110,17 @@ class MetricsConfig:
 @dataclass
 class ParallelConfig:
     """How ranks share the work (see docs/parallel.md). Used when the run has more than one process (torchrun);
-    a single process uses only activation_checkpoint. dp_replicate × dp_shard × tp × pp must equal the number of
-    processes."""
+    a single process uses only auto, hardware and activation_checkpoint. dp_replicate × dp_shard × tp × pp must
+    equal the number of processes."""
+
+    auto: bool = False
+    """Ask the planner (scalelm.perf) for the fastest layout the trainer can run at this world size and use it:
+    tp, pp, dp, zero, pipeline schedule and micro-batches, sequence parallel, activation checkpointing and
+    train.micro_batch are chosen for you (`scalelm train --parallel auto`; needs a hardware model)."""
+    hardware: str = ""
+    """Hardware model for the predicted step time and memory logged by every run (and for auto): a built-in name
+    (`scalelm hw list`), a TOML file, or `local`; "" = automatic: the built-in file matching the GPU's name on
+    CUDA, the file `scalelm calibrate` wrote on CPU (no prediction without one)."""
 
     dp_replicate: int = 1
     """Data-parallel replicas (with zero >= 2: the replicate dimension of HSDP)."""

@@ -18,6 +18,7 @@ from scalelm.model.gpt import GPT
 from scalelm.parallel import ParallelDims, init_distributed, parallelize
 from scalelm.parallel.ac import apply_ac
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
+from scalelm.train.forecast import prepare_forecast
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
 from scalelm.train.peak import peak_flops
@@ -38,13 +39,12 @@ def build_model(cfg: Config, device: torch.device, seed: int) -> GPT:
     return GPT(cfg.model).to(device)
 
 
-def _trim_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint (they will be written again, identically)."""
+def _trim_metrics(run_dir: Path, step: int, head: list[dict[str, Any]]) -> None:
+    """On resume, drop metric lines written after the checkpoint (they will be written again, identically) and the
+    event lines (this run writes its own end line); `head` (this run's plan line) goes first, as in a fresh log."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+    kept = [json.dumps(record) for record in head]
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except ValueError:
@@ -71,6 +71,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
+    try:
+        precision = resolve_precision(cfg.train.dtype, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # The perf model's view of this run; with parallel.auto the planner writes the layout into cfg first.
+    forecast = prepare_forecast(cfg, device, world_size, precision.name)
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
     lead = rank == 0  # only rank 0 writes files other than checkpoint shards
@@ -81,10 +87,6 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the dataset's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}; set --model.vocab_size {64 * -(-tokenizer.vocab_size // 64)}")
-    try:
-        precision = resolve_precision(cfg.train.dtype, device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
     resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if lead:
@@ -125,11 +127,13 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
             state = load_distributed_checkpoint(resume_from, parallel.parts, optimizers, cfg.model)
         start_step = state["step"]
         if lead:
-            _trim_metrics(run_dir, start_step)
+            _trim_metrics(run_dir, start_step, [forecast.record()])
     logger = MetricsLogger(run_dir, cfg.train.steps, start_step, enabled=lead, progress=cfg.metrics.progress,
                            tensorboard=cfg.metrics.tensorboard)
+    if state is None:
+        logger.log(forecast.record())  # the first line of a fresh log
     trainer = Trainer(cfg, model, optimizers, loader, open_split(data_dir, "val"), tokenizer, run_dir, device,
-                      precision, logger, peak, parallel)
+                      precision, logger, peak, parallel, forecast.prediction)
     if state is not None:
         trainer.load_state_dict(state)
         logger.print(f"resumed from {resume_from} at step {start_step}")
@@ -139,6 +143,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
                  f"{trainer.flops_per_token / 1e6:.1f} MFLOP/token; data {data_dir.name} "
                  f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}; "
                  f"{peak_note}")
+    logger.print(forecast.line())
     try:
         return trainer.fit()
     finally:

@@ -93,10 +93,13 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: nn.Module | None, optimizers: list[torch.optim.Optimizer],
                  loader: BatchLoader, val_tokens, tokenizer, run_dir: Path, device: torch.device, precision: Precision,
-                 logger: MetricsLogger, peak_flops: float | None, parallel: Parallel | None = None):
+                 logger: MetricsLogger, peak_flops: float | None, parallel: Parallel | None = None,
+                 prediction: dict[str, Any] | None = None):
         self.cfg, self.model, self.optimizers, self.loader = cfg, model, optimizers, loader
         self.tokenizer, self.run_dir, self.device, self.precision = tokenizer, run_dir, device, precision
         self.logger, self.peak_flops, self.parallel = logger, peak_flops, parallel
+        self.prediction = prediction or {}  # the perf model's step_time_s and peak_mem_gib (train/forecast.py)
+        self.step_times: list[float] = []  # step_time_s of this process's logged intervals, for the drift
         self.pipeline = parallel.schedule if parallel is not None else None  # None: `model` runs the whole forward
         self.step = 0
         t = cfg.train
@@ -278,11 +281,13 @@ class Trainer:
                 if counting and interval_steps > 1:
                     elapsed, steps_timed = elapsed - counted_s, interval_steps - 1
                 tokens_per_s = steps_timed * self.tokens_per_step / elapsed
+                self.step_times.append(elapsed / steps_timed)
                 self.logger.log({
                     "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_s, "step_time_s": elapsed / steps_timed,
+                    "predicted_step_time_s": self.prediction.get("step_time_s"),
                     "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None,
-                    "mem_gib": memory_gib(self.device),
+                    "mem_gib": memory_gib(self.device), "predicted_mem_gib": self.prediction.get("peak_mem_gib"),
                     **({"comm_bytes": comm.bytes} if counting else {}),
                 })
                 self.logger.advance(self.step, f"loss {loss_value:.4f}  {tokens_per_s:,.0f} tok/s")
@@ -300,9 +305,19 @@ class Trainer:
             interval_start += now() - pause  # evaluation and checkpoints do not count as training time
         val_loss = self.eval_and_log()
         self.save()
-        end = {"event": "end", "step": self.step, "val_loss": val_loss, "params_sha256": self.params_sha256()}
+        end = {"event": "end", "step": self.step, "val_loss": val_loss, "params_sha256": self.params_sha256(),
+               **self.drift()}
         self.logger.log(end)
         return end
+
+    def drift(self) -> dict[str, float | None]:
+        """Predicted vs measured step time. Measured = mean step_time_s of the logged intervals after the first
+        (which includes warm-up); None with fewer than two intervals or without a prediction."""
+        predicted = self.prediction.get("step_time_s")
+        timed = self.step_times[1:]
+        measured = sum(timed) / len(timed) if timed else None
+        drift = 100 * (predicted - measured) / measured if predicted is not None and measured else None
+        return {"predicted_step_time_s": predicted, "measured_step_time_s": measured, "step_time_drift_pct": drift}
 
     def save(self) -> None:
         ck = self.cfg.checkpoint

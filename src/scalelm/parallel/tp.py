@@ -53,13 +53,15 @@ def block_plan(gated_mlp: bool, sequence_parallel: bool) -> dict[str, object]:
     }
     if gated_mlp:
         plan["mlp.w3"] = ColwiseParallel()
+    # The sub-layer inputs enter as one DTensor shared by q/k/v (and w1/w3), so their three (two) partial input
+    # gradients are summed locally and reduced once per sub-layer in backward (Megatron's f operator) instead of
+    # once per projection. With sequence parallelism this is also where the sequence shards are all-gathered.
+    plan.update({
+        "attention": PrepareModuleInput(input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)),
+        "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+    })
     if sequence_parallel:
-        plan.update({
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-            "mlp_norm": SequenceParallel(),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        })
+        plan.update({"attention_norm": SequenceParallel(), "mlp_norm": SequenceParallel()})
     return plan
 
 

@@ -43,7 +43,8 @@ from scalelm.perf.report import table
 from scalelm.perf.step import predict_step
 
 DEFAULT_RUNS = [
-    "shakespeare-char:--train.dtype fp32 --train.global_batch 16 --train.seq_len 256",
+    "shakespeare-char:",  # the default run: bf16 autocast, batch 32, Muon where the layout allows it
+    "shakespeare-char:--train.dtype fp32 --train.global_batch 16",
     "tiny:",
 ]
 LAYOUTS = {
@@ -118,11 +119,13 @@ def train(preset: str, args: list[str], layout: str, steps: int, workdir: Path) 
     log = proc.stdout + proc.stderr
     dtype = re.search(r"device\s+\w+,\s+(fp32|bf16|fp16)", log)  # the console wraps lines anywhere
     threads = re.search(r"\((\d+)\s+threads\)", log)
+    with open(out / "config.toml", "rb") as f:
+        optimizer = tomllib.load(f).get("optim", {}).get("name", "adamw")  # saved resolved (auto → muon/adamw)
     return {"step_s": timed[-1]["step_time_s"], "dtype": dtype.group(1) if dtype else None,
-            "threads": int(threads.group(1)) if threads else None}
+            "threads": int(threads.group(1)) if threads else None, "optimizer": optimizer}
 
 
-def predict(preset: str, args: list[str], layout: str, dtype: str, hw_path: Path) -> float:
+def predict(preset: str, args: list[str], layout: str, dtype: str, hw_path: Path, optimizer: str) -> float:
     over = _overrides(args)
     cfg = get_preset(preset)
     model_over = {}
@@ -140,7 +143,7 @@ def predict(preset: str, args: list[str], layout: str, dtype: str, hw_path: Path
     local = gbs // dp
     if pp > 1:  # torch.distributed.pipelining: pp_microbatches defaults to pp
         mb = local // pp
-    lo = Layout(micro_batch=mb or local, precision=dtype, **fields)
+    lo = Layout(micro_batch=mb or local, precision=dtype, optimizer=optimizer, **fields)
     return predict_step(cfg, load_hardware(str(hw_path)), lo, seq, gbs, PROFILES["scalelm"], strict=False).step_time_s
 
 
@@ -186,11 +189,11 @@ def _check(args, runs, layouts, default_threads: int, workdir: Path) -> int:
                 hw_1t = hw_1t or ensure_hardware(args.hardware_1t, 1, workdir)
                 hw_path = hw_1t
             dtype = m["dtype"] or _overrides(extra).get("train.dtype", "fp32")
-            pred = predict(preset, extra, layout, dtype, hw_path)
+            pred = predict(preset, extra, layout, dtype, hw_path, m["optimizer"])
             err = 100 * (pred - m["step_s"]) / m["step_s"]
             errors.append(abs(err))
             rows.append([name, layout, f"{m['threads'] or '?'}", f"{pred:.4f}", f"{m['step_s']:.4f}", f"{err:+.1f}"])
-            print(f"  {name} [{layout}, {dtype}]: predicted {pred:.4f} s, measured {m['step_s']:.4f} s", flush=True)
+            print(f"  {name} [{layout}, {dtype}, {m['optimizer']}]: predicted {pred:.4f} s, measured {m['step_s']:.4f} s", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (timings on a shared machine "
           "are noisy)\n")
     print(table(["run", "layout", "threads/proc", "predicted step_s", "measured step_s", "error %"], rows))

@@ -193,3 +193,40 @@ def test_attention_runs_at_the_peak_of_its_precision():
     f32, _ = flash_attention_s(1e12, 0.5, 64, hw, "fp32")
     b16, _ = flash_attention_s(1e12, 0.5, 64, hw, "bf16")
     assert f32 == pytest.approx(2 * b16)
+
+
+def test_bf16_attention_uses_its_own_measured_efficiency():
+    from scalelm.perf.compute import flash_attention_s
+    from scalelm.perf.hardware import parse_hardware
+
+    hw = parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
+                                         "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
+                         "efficiency": {"kernel_overhead_us": 0.0, "attention": 0.4, "attention_bf16": 0.1},
+                         "node": {"inter_node": "ethernet-10g"}})
+    f32, _ = flash_attention_s(1e12, 0.5, 64, hw, "fp32")
+    b16, _ = flash_attention_s(1e12, 0.5, 64, hw, "bf16")
+    assert b16 == pytest.approx(2 * f32)  # twice the peak at a quarter of the share
+
+
+def test_newton_schulz_flops_closed_form():
+    """Muon on an m×n matrix (m ≤ n): per iteration 2m²n (X·Xᵀ) + 2m³ (A·A) + 2m²n (update)."""
+    from scalelm.perf.flops import block_matrices, newton_schulz_gemms
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)  # SwiGLU, hidden 768
+    assert sorted(block_matrices(cfg)) == sorted([(256, 256)] * 4 + [(768, 256)] * 2 + [(256, 768)])
+    expected = 5 * (4 * (4 * 256**3 + 2 * 256**3) + 3 * (4 * 256**2 * 768 + 2 * 256**3))
+    assert sum(g.flops for g in newton_schulz_gemms(cfg, steps=5)) == expected
+
+
+def test_muon_adds_its_orthogonalization_to_the_optimizer_time():
+    from scalelm.perf.layout import Layout, LayoutError, check_layout
+    from scalelm.perf.step import predict_step
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
+    hw = load_hardware("a100-80gb")
+    adamw = predict_step(cfg, hw, Layout(micro_batch=8), 64, 8)
+    muon = predict_step(cfg, hw, Layout(micro_batch=8, optimizer="muon"), 64, 8)
+    assert muon.time_s["optimizer"] > adamw.time_s["optimizer"]
+    assert muon.step_time_s > adamw.step_time_s
+    with pytest.raises(LayoutError, match="whole matrices"):
+        check_layout(cfg, Layout(dp=2, zero=3, micro_batch=4, optimizer="muon"), 2, 8, 64)

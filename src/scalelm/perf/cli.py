@@ -79,6 +79,8 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--sp", dest="sequence_parallel", action="store_true", default=None, help="sequence parallel")
     p.add_argument("--no-sp", dest="sequence_parallel", action="store_false")
     p.add_argument("--offload", action="store_true", help="optimizer states on the host (ZeRO-Offload)")
+    p.add_argument("--optimizer", choices=("adamw", "muon"),
+                   help="muon adds Newton-Schulz GEMMs to the step and needs whole matrices (tp 1, zero <= 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="DIR", help="write memory-breakdown and pipeline-timeline PNGs here")
     return p
@@ -125,7 +127,8 @@ def main_plan(argv: list[str]) -> int:
         fw = PROFILES[args.framework]
         fixed = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("cp", args.cp), ("zero", args.zero),
                                    ("micro_batch", args.micro_batch), ("recompute", args.recompute),
-                                   ("sequence_parallel", args.sequence_parallel), ("schedule", args.schedule))
+                                   ("sequence_parallel", args.sequence_parallel), ("schedule", args.schedule),
+                                   ("optimizer", args.optimizer))
                  if v is not None}
         if args.tp and args.pp:
             # A fully specified layout: predict it (and say why it is impossible, if it is).
@@ -135,7 +138,7 @@ def main_plan(argv: list[str]) -> int:
                         micro_batch=args.micro_batch or 1, vpp=vpp,
                         schedule=args.schedule or ("interleaved" if vpp > 1 else "1f1b"),
                         sequence_parallel=bool(args.sequence_parallel), recompute=args.recompute or "none",
-                        precision=args.precision, offload=args.offload)
+                        precision=args.precision, offload=args.offload, optimizer=args.optimizer or "adamw")
             check_layout(cfg, lo, n, gbs, seq)
             results, considered, fitting = [predict_step(cfg, hw, lo, seq, gbs, fw)], 1, 1
         else:

@@ -54,7 +54,7 @@ def gemm_fwd_bwd_s(g: Gemm, hw: Hardware, dtype: str) -> tuple[float, float]:
 
 
 def flash_attention_s(fwd_flops_square: float, causal: float, head_dim: int, hw: Hardware,
-                      dtype: str = "bf16") -> tuple[float, float]:
+                      dtype: str = "bf16", tiles: float = 0.0) -> tuple[float, float]:
     """Fused attention forward and backward seconds.
 
     The kernel computes `causal` of the full square; its backward recomputes the scores and runs five
@@ -63,12 +63,17 @@ def flash_attention_s(fwd_flops_square: float, causal: float, head_dim: int, hw:
     leave the tensor cores starved (FlashAttention-2 paper, Fig. 5-7: head_dim 64 ~ 85% of 128's speed).
     `dtype` is the attention's input precision: bf16 for bf16/fp8 training (fused kernels run in 16 bits),
     fp32 for fp32 training (CPU runs of the `local` hardware, whose attention efficiency is measured in fp32).
+    `tiles` = sequences × heads × 64-row query blocks, each paying the device's `attention_tile_us` (a third in
+    the forward).
     """
     eff = hw.efficiency
     peak = hw.accelerator.peak_flops("fp32" if dtype == "fp32" else "bf16") * eff.clock_derate
-    e = eff.attention * head_dim / (head_dim + 32)
+    share = eff.attention_bf16 if dtype != "fp32" and eff.attention_bf16 is not None else eff.attention
+    e = share * head_dim / (head_dim + 32)
     fwd = fwd_flops_square * causal / (peak * e)
-    return fwd + eff.kernel_overhead_us * 1e-6, 2.5 * fwd + 2 * eff.kernel_overhead_us * 1e-6
+    bf16_tile = dtype != "fp32" and eff.attention_tile_us_bf16 is not None
+    tile_s = tiles * (eff.attention_tile_us_bf16 if bf16_tile else eff.attention_tile_us) * 1e-6
+    return fwd + tile_s / 3 + eff.kernel_overhead_us * 1e-6, 2.5 * fwd + 2 * tile_s / 3 + 2 * eff.kernel_overhead_us * 1e-6
 
 
 def memory_bound_s(bytes_moved: float, hw: Hardware) -> float:

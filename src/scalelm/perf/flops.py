@@ -62,6 +62,24 @@ def layer_gemms(cfg: ModelConfig, tokens: int, tp: int) -> list[Gemm]:
     ]
 
 
+def block_matrices(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(rows, cols) of every weight matrix of one block: q, k, v, o, and the MLP's up (gate) and down."""
+    h, hd, nh, kv, f = cfg.d_model, cfg.dim_head, cfg.n_head, cfg.kv_heads, cfg.ffn_hidden
+    mats = [(nh * hd, h), (kv * hd, h), (kv * hd, h), (h, nh * hd), (f, h), (h, f)]
+    return mats + ([(f, h)] if cfg.mlp == "swiglu" else [])
+
+
+def newton_schulz_gemms(cfg: ModelConfig, steps: int = 5) -> list[Gemm]:
+    """GEMMs of Muon's orthogonalization for one block (Jordan et al. 2024; torch.optim.Muon): per matrix,
+    transposed to m ≤ n, each of `steps` quintic iterations runs A = X·Xᵀ (m·m·n), B = A·A (m·m·m) and
+    X ← a·X + (b·A + c·B)·X (m·n·m)."""
+    out = []
+    for rows, cols in block_matrices(cfg):
+        m, n = min(rows, cols), max(rows, cols)
+        out += [Gemm("ns_gram", m, m, n), Gemm("ns_square", m, m, m), Gemm("ns_update", m, n, m)] * steps
+    return out
+
+
 def head_gemm(cfg: ModelConfig, tokens: int, tp: int) -> Gemm:
     """The output projection to the vocabulary (vocab-parallel over TP)."""
     return Gemm("lm_head", tokens, -(-cfg.vocab_size // tp), cfg.d_model)

@@ -58,6 +58,10 @@ class Framework:
     block counted with torch.profiler: 194 (fp32) to 208 (bf16 autocast) top-level aten ops."""
     host_ops_fixed: int = 40
     """Operators outside the blocks per micro-batch (embedding, final norm, head, loss), same count."""
+    fp32_stream: bool = False
+    """Mixed precision by autocast over fp32 weights (PyTorch AMP): the residual stream, the norms and the
+    tensors they produce stay fp32, so elementwise work moves 4-byte activations even in a bf16 run (plus the
+    casts around every matmul). False: the framework keeps activations in bf16 (Megatron, TE, JAX)."""
     defaults: dict = field(default_factory=dict)
 
 
@@ -110,7 +114,8 @@ PROFILES: dict[str, Framework] = {
                      loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.9,
                      defaults=dict(_FSDP_DEFAULTS, zero=3, recompute="full")),
     # scalelm's own trainer: plain PyTorch, SDPA, FSDP2/DDP. Its CPU runs use the `local` calibration.
-    "scalelm": Framework("scalelm", elementwise_factor=1.0, fused_norm=False, defaults=_FSDP_DEFAULTS),
+    "scalelm": Framework("scalelm", elementwise_factor=1.0, fused_norm=False, fp32_stream=True,
+                         defaults=_FSDP_DEFAULTS),
 }
 
 COMPILE_ELEMENTWISE_FACTOR = 0.5
@@ -138,7 +143,7 @@ def framework_for(text: str | None) -> Framework:
     elif "scalelm" in t or not t:
         fw = PROFILES["scalelm"]
     else:
-        fw = replace(PROFILES["scalelm"], name=f"generic ({text})")
+        fw = replace(PROFILES["scalelm"], name=f"generic ({text})", fp32_stream=False)
     if "compile" in t and fw.elementwise_factor > COMPILE_ELEMENTWISE_FACTOR:
         fw = replace(fw, elementwise_factor=COMPILE_ELEMENTWISE_FACTOR, fused_norm=True)
     if "asynctp" in t or "async tp" in t or "tp-comm-overlap" in t or "tp_comm_overlap" in t:

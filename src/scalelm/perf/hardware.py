@@ -65,10 +65,22 @@ class Efficiency:
     """Share of HBM bandwidth reached by elementwise/normalization kernels."""
     attention: float = 0.6
     """Fused (flash) attention fwd+bwd efficiency for head_dim -> infinity; head_dim d gets d/(d+32) of it."""
+    attention_bf16: float | None = None
+    """The same for 16-bit inputs, where it differs from `attention` (measured on CPUs, whose bf16 attention
+    kernels reach a much smaller share of the bf16 matmul peak than fp32 ones of the fp32 peak)."""
     clock_derate: float = 1.0
     """Sustained clock under the configured power cap relative to the vendor peak."""
     kernel_overhead_us: float = 4.0
     """Launch + ramp time added to each kernel."""
+    attention_tile_us: float = 0.0
+    """Fixed cost per (sequence, head, 64-query-row block) of fused attention forward+backward: buffer setup and
+    softmax bookkeeping that small heads and short sequences cannot amortize (measured on CPUs; on GPUs it is
+    part of `attention`)."""
+    attention_tile_us_bf16: float | None = None
+    """The same for 16-bit inputs where it differs (CPU bf16 attention kernels convert every tile)."""
+    comm_overlap: float = 1.0
+    """Share of the framework's compute/communication overlap this device can realize. 0 where collectives run
+    synchronously on the compute cores (gloo on a CPU: nothing hides behind compute)."""
     host_op_us: float = 0.0
     """Host time per eager operator (dispatch + autograd) that the device cannot hide. 0 on accelerators: the
     host enqueues kernels asynchronously and runs ahead of them. On a CPU the host *is* the device, so every

@@ -8,6 +8,7 @@ from scalelm.model.config import ModelConfig
 from scalelm.perf.pipeline import SCHEDULES
 
 RECOMPUTE = ("none", "selective", "full")
+OPTIMIZERS = ("adamw", "muon")
 PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
 
 
@@ -38,6 +39,8 @@ class Layout:
     precision: str = "bf16"
     offload: bool = False
     """ZeRO-Offload: optimizer states and step on the host (Ren et al. 2021)."""
+    optimizer: str = "adamw"
+    """adamw, or muon (Newton-Schulz orthogonalized momentum on the block matrices, AdamW on the rest)."""
 
     @property
     def world(self) -> int:
@@ -87,6 +90,10 @@ def check_layout(cfg: ModelConfig, layout: Layout, n_devices: int, global_batch:
         raise LayoutError(f"schedule={lo.schedule!r}; use one of {', '.join(SCHEDULES)}")
     if lo.precision not in PRECISIONS:
         raise LayoutError(f"precision={lo.precision!r}; use one of {', '.join(PRECISIONS)}")
+    if lo.optimizer not in OPTIMIZERS:
+        raise LayoutError(f"optimizer={lo.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if lo.optimizer == "muon" and (lo.tp > 1 or (lo.zero >= 2 and lo.dp * lo.cp > 1)):
+        raise LayoutError("muon orthogonalizes whole matrices: it needs tp=1 and zero <= 1")
     if lo.sequence_parallel and lo.tp == 1:
         raise LayoutError("sequence parallelism needs tp > 1")
     if lo.dp_shard is not None and lo.dp % lo.dp_shard:

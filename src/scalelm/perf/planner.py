@@ -62,6 +62,11 @@ def candidate_layouts(cfg: ModelConfig, hw: Hardware, n_devices: int, seq_len: i
                         scheds += [("interleaved", v) for v in (2, 4) if cfg.n_layer % (pp * v) == 0]
                         scheds += [("zb-h1", 1), ("gpipe", 1)]
                     zeros = [0, 1, 2, 3] if dp * cp > 1 else [0]
+                    optimizer = fixed.get("optimizer", "adamw")
+                    if optimizer == "muon":  # whole matrices on every rank
+                        if tp > 1:
+                            continue
+                        zeros = [z for z in zeros if z <= 1 or dp * cp == 1]
                     for zero in [fixed["zero"]] if "zero" in fixed else zeros:
                         for rc in [fixed["recompute"]] if "recompute" in fixed else ("none", "selective", "full"):
                             sps = [False, True] if tp > 1 else [False]
@@ -71,7 +76,7 @@ def candidate_layouts(cfg: ModelConfig, hw: Hardware, n_devices: int, seq_len: i
                                         continue
                                     yield Layout(tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, micro_batch=mb, vpp=v,
                                                  schedule=sched, sequence_parallel=sp, recompute=rc,
-                                                 precision=precision)
+                                                 precision=precision, optimizer=optimizer)
 
 
 def _score(res: StepResult, hw: Hardware, rank_by: str) -> float:

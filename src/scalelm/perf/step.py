@@ -21,11 +21,13 @@ from scalelm.model.counting import block_params, embedding_params, flops_per_tok
 from scalelm.perf import comm, compute
 from scalelm.perf.flops import (
     attention_core_flops,
+    block_matrices,
     causal_fraction,
     elementwise_bytes_per_token,
     head_gemm,
     layer_gemms,
     logits_bytes_per_token,
+    newton_schulz_gemms,
     softmax_bytes_per_token,
 )
 from scalelm.perf.frameworks import PROFILES, Framework
@@ -93,7 +95,8 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     flash = lo.flash_attention and fw.flash_attention
     square = attention_core_flops(cfg, mb, seq, tp, cp)
     if flash:
-        attn_f, attn_b = compute.flash_attention_s(square, causal_fraction(seq), cfg.dim_head, hw, gemm_dtype)
+        tiles = mb * (cfg.n_head // tp) * math.ceil(s_loc / 64)
+        attn_f, attn_b = compute.flash_attention_s(square, causal_fraction(seq), cfg.dim_head, hw, gemm_dtype, tiles)
         scores_f = 0.0
     else:
         heads = mb * cfg.n_head // tp
@@ -103,8 +106,9 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
         pv_b = compute.gemm_time_s(s_loc * heads, seq, cfg.dim_head, hw, gemm_dtype) * 2
         scores_f = compute.memory_bound_s(softmax_bytes_per_token(cfg, seq, fw.dropout) * tokens / tp, hw)
         attn_f, attn_b = qk + pv + scores_f, qk_b + pv_b + 1.2 * scores_f
-    ew = elementwise_bytes_per_token(cfg, act, fw.fused_norm) * tokens * fw.elementwise_factor
-    repl = 10 * cfg.d_model * act * tokens * fw.elementwise_factor
+    ew_act = 4 if fw.fp32_stream and dtype != "fp8" else act
+    ew = elementwise_bytes_per_token(cfg, ew_act, fw.fused_norm) * tokens * fw.elementwise_factor
+    repl = 10 * cfg.d_model * ew_act * tokens * fw.elementwise_factor
     ew = ew / tp if lo.sequence_parallel else repl + (ew - repl) / tp
     ew_f = compute.memory_bound_s(ew + cast_f, hw)
     ew_b = compute.memory_bound_s(2 * ew + cast_b, hw)
@@ -130,6 +134,7 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     tp_ar = comm.all_reduce_s(tp_msg, tp, hw, rpn) if tp > 1 else 0.0
     n_ar = 4 + (2 if lo.recompute == "full" else 0)
     tp_total = n_ar * tp_ar
+    tp_overlap = fw.tp_overlap * hw.efficiency.comm_overlap
     # Context parallel: ring attention passes K and V chunks around the cp ranks, overlapped with attention.
     cp_f = cp_b = 0.0
     if cp > 1:
@@ -141,7 +146,7 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     return {"layer_f": layer_f, "layer_b": layer_b + recompute, "recompute": recompute, "gemm": f_g + b_g,
                 "attn": attn_f + attn_b, "ew": ew_f + ew_b, "host": host_f + host_b, "head_host": head_host,
                 "head_f": hf + loss / 3 + head_host / 3, "head_b": hb + 2 * loss / 3 + 2 * head_host / 3,
-                "tp_exposed": tp_total * (1 - fw.tp_overlap), "tp_hidden": tp_total * fw.tp_overlap,
+                "tp_exposed": tp_total * (1 - tp_overlap), "tp_hidden": tp_total * tp_overlap,
                 "cp": cp_f + cp_b, "tokens": tokens, "act": act, "n_ar": n_ar}
 
 
@@ -184,12 +189,13 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     busy = m * (t_f + t_b)
     schedule = "interleaved" if lo.vpp > 1 and lo.schedule == "1f1b" else lo.schedule
     bubble = bubble_fraction(schedule, lo.pp, m, lo.vpp) * busy
+    overlap = hw.efficiency.comm_overlap  # what the device lets the framework's overlap windows hide
     # Pipeline p2p: one activation tensor each way per micro-batch and chunk; scatter-gather over TP.
     p2p = 0.0
     if lo.pp > 1:
         msg = st["tokens"] * cfg.d_model * st["act"] / lo.tp
         inter = lo.tp * lo.cp * lo.dp >= hw.node.gpus_per_node
-        p2p = 2 * (m * lo.vpp + lo.pp - 1) * comm.p2p_s(msg, hw, inter) * (1 - fw.pp_overlap)
+        p2p = 2 * (m * lo.vpp + lo.pp - 1) * comm.p2p_s(msg, hw, inter) * (1 - fw.pp_overlap * overlap)
     # Data-parallel gradient (and ZeRO parameter) traffic over dp x cp replicas of this stage.
     psi_stage, psi_layer = _stage_params(cfg, lo)
     n_rep = lo.dp * lo.cp
@@ -207,11 +213,11 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
             total = syncs * per_sync
             if shard < n_rep:
                 total += comm.all_reduce_s(grad_wire / shard, n_rep // shard, hw, 1)
-            window = busy * fw.fsdp_overlap
+            window = busy * fw.fsdp_overlap * overlap
             dp_exposed = max(0.0, total - window) + ag / max(1, layers)
         else:
             total = comm.all_reduce_s(grad_wire, n_rep, hw, rpn)
-            window = t_b * fw.dp_overlap
+            window = t_b * fw.dp_overlap * overlap
             dp_exposed = max(0.0, total - window)
         dp_hidden = total - dp_exposed
     opt_params = psi_stage / shard
@@ -219,6 +225,12 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
         optimizer = opt_params * 2 * 4 / (hw.node.pcie_gb_s * 1e9) + opt_params * OPTIMIZER_BYTES_PER_PARAM / 50e9
     else:
         optimizer = compute.memory_bound_s(opt_params * OPTIMIZER_BYTES_PER_PARAM, hw)
+    if lo.optimizer == "muon":
+        # torch.optim.Muon: bf16 Newton-Schulz on every block matrix the rank updates (ZeRO-1 splits them),
+        # plus the eager ops around each matrix (cast, norm, 3 per iteration, momentum, update).
+        mats = len(block_matrices(cfg)) * layers / shard
+        ns = sum(compute.gemm_time_s(g.m, g.n, g.k, hw, "bf16") for g in newton_schulz_gemms(cfg)) * layers / shard
+        optimizer += ns + mats * (3 * 5 + 10) * hw.efficiency.host_op_us * 1e-6
     step = busy + bubble + p2p + dp_exposed + optimizer + fw.step_overhead_s
 
     # ---- breakdown and bottleneck -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from scalelm.config import Config, ConfigError, validate_parallel
+from scalelm.config import Config, ConfigError, muon_fits, resolve_optimizer, validate_parallel
 from scalelm.perf.frameworks import Framework, framework_for
 from scalelm.perf.hardware import Hardware, HardwareError, load_hardware, local_hardware_path
 from scalelm.perf.layout import Layout
@@ -81,7 +81,8 @@ def perf_layout(cfg: Config, world_size: int, precision: str) -> Layout:
     t, p = cfg.train, cfg.parallel
     recompute = "full" if checkpointed_share(cfg) > 0 else "none"
     if world_size == 1:
-        return Layout(zero=0, micro_batch=t.micro_batch or t.global_batch, recompute=recompute, precision=precision)
+        return Layout(zero=0, micro_batch=t.micro_batch or t.global_batch, recompute=recompute, precision=precision,
+                      optimizer=resolve_optimizer(cfg))
     d = validate_parallel(cfg, world_size)
     dp, tp, pp = d["dp_replicate"] * d["dp_shard"], d["tp"], d["pp"]
     local = t.global_batch // dp
@@ -99,7 +100,7 @@ def perf_layout(cfg: Config, world_size: int, precision: str) -> Layout:
     # cpu_offload (FSDP2) moves parameters and gradients too; the perf model's offload moves the optimizer only.
     return Layout(tp=tp, pp=pp, dp=dp, dp_shard=d["dp_shard"] if hsdp else None, zero=zero, micro_batch=micro_batch,
                   vpp=vpp, schedule=schedule, sequence_parallel=p.sequence_parallel and tp > 1, recompute=recompute,
-                  precision=precision, offload=p.cpu_offload and zero >= 2)
+                  precision=precision, offload=p.cpu_offload and zero >= 2, optimizer=resolve_optimizer(cfg, tp, dp))
 
 
 def framework(cfg: Config) -> Framework:
@@ -181,10 +182,15 @@ def choose_layout(cfg: Config, world_size: int, precision: str, hw: Hardware) ->
         updates = _trainer_updates(lo, world_size, t.global_batch)
         if updates is None:
             continue
+        candidate = _with(cfg, updates)
         try:
-            validate_parallel(_with(cfg, updates), world_size)
+            validate_parallel(candidate, world_size)
         except ConfigError:
             continue
+        optimizer = resolve_optimizer(candidate, lo.tp, lo.dp)
+        if optimizer == "muon" and not muon_fits(candidate, lo.tp, lo.dp):
+            continue  # an explicit optim.name=muon rules out TP and FSDP layouts
+        lo = replace(lo, optimizer=optimizer)
         runnable += 1
         m = t.global_batch // (lo.dp * lo.micro_batch)
         if predict_memory(cfg.model, hw, lo, fw, t.seq_len, m).total > budget:

@@ -95,6 +95,22 @@ def test_choose_layout_says_why_nothing_fits(tmp_path):
         choose_layout(cfg(), 2, "fp32", hw)
 
 
+def test_a_file_calibrated_with_other_threads_is_flagged(hw_path):
+    """hardware_file() records 1 thread; a process with another thread count is told to calibrate again."""
+    import torch
+
+    from scalelm.train.forecast import resolve_hardware
+
+    previous = torch.get_num_threads()
+    try:
+        for threads, flagged in ((1, False), (2, True)):
+            torch.set_num_threads(threads)
+            _, note = resolve_hardware(cfg(**{"parallel.hardware": str(hw_path)}), "cpu")
+            assert ("calibrate again with OMP_NUM_THREADS=2" in note) == flagged, note
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_gpu_names_match_the_catalog():
     assert match_accelerator("NVIDIA H100 80GB HBM3") == "h100-sxm-80gb"
     assert match_accelerator("NVIDIA A100-SXM4-40GB") == "a100-40gb"

@@ -11,7 +11,10 @@ import copy
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from scalelm.config import Config, ConfigError, muon_fits, resolve_optimizer, validate_parallel
 from scalelm.perf.frameworks import Framework, framework_for
@@ -37,6 +40,23 @@ def match_accelerator(device_name: str) -> str | None:
     return next((key for needles, key in GPU_NAMES if all(n in name for n in needles)), None)
 
 
+def _thread_mismatch(path: Path) -> str:
+    """A warning when a `scalelm calibrate` file was measured with another thread count than this process
+    uses (CPU speed scales with threads, so its predictions would be off), else ''."""
+    try:
+        with open(path, "rb") as f:
+            threads = tomllib.load(f).get("calibration", {}).get("threads")
+    except (OSError, ValueError):
+        return ""
+    import torch
+
+    here = torch.get_num_threads()
+    if threads is None or threads == here:
+        return ""
+    return (f"; calibrated with {threads} threads but this process uses {here}: calibrate again with "
+            f"OMP_NUM_THREADS={here}")
+
+
 def resolve_hardware(cfg: Config, device: Any) -> tuple[Hardware | None, str]:
     """(hardware model, note): from `parallel.hardware` (a name or TOML file; a bad one is a ConfigError), or
     automatically the built-in file matching the GPU on CUDA, the `scalelm calibrate` file on CPU. Without one:
@@ -47,7 +67,10 @@ def resolve_hardware(cfg: Config, device: Any) -> tuple[Hardware | None, str]:
             hw = load_hardware(name)
         except HardwareError as exc:
             raise ConfigError(f"parallel.hardware: {exc}") from None
-        return hw, f"hardware {hw.key}" + ("" if name == hw.key else f" from {name}")
+        warning = _thread_mismatch(Path(name)) if Path(name).is_file() else ""
+        if name == "local":
+            warning = _thread_mismatch(local_hardware_path())
+        return hw, f"hardware {hw.key}" + ("" if name == hw.key else f" from {name}") + warning
     if getattr(device, "type", str(device).split(":")[0]) == "cuda":
         import torch
 
@@ -60,7 +83,7 @@ def resolve_hardware(cfg: Config, device: Any) -> tuple[Hardware | None, str]:
     if not path.exists():
         return None, f"run `scalelm calibrate` (writes {path}) or pass --parallel.hardware NAME|FILE"
     try:
-        return load_hardware("local"), "hardware local"
+        return load_hardware("local"), "hardware local" + _thread_mismatch(path)
     except HardwareError as exc:
         return None, f"the calibrated file cannot be used ({exc}); run `scalelm calibrate` again"
 

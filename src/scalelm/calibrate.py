@@ -12,6 +12,7 @@ count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
 * attention: causal scaled_dot_product_attention forward+backward in fp32 and bf16, expressed in the step
   model's convention (compute.flash_attention_s): an efficiency per dtype and a fixed cost per tile;
 * no compute/communication overlap (`comm_overlap = 0`): gloo runs collectives on the compute cores;
+* FSDP2 and tensor-parallel costs per unit beyond their collectives' bytes (calibrate_parallel.py);
 * collectives: gloo all-reduce and all-gather between 2 local processes (torch.multiprocessing spawn),
   fitted to t = alpha + S/beta -> intra_node_gb_s and latency; gpus_per_node = the processes this machine
   runs side by side.
@@ -174,6 +175,12 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue
         part = torch.ones(size // 4 // world)
         t = _bench(lambda outs=outs, part=part: dist.all_gather(outs, part), 5)
         res["all_gather"].append((size, t))
+    try:
+        from scalelm.calibrate_parallel import measure_parallel_overheads
+
+        res["parallel"] = measure_parallel_overheads(world)
+    except Exception as exc:  # FSDP2/DTensor missing or failing here: no overhead terms, say why
+        res["parallel_error"] = f"{type(exc).__name__}: {exc}"
     if rank == 0:
         queue.put(res)
     dist.barrier()
@@ -208,8 +215,14 @@ def measure_collectives(quick: bool = False) -> dict:
     # n = 2: ring all-reduce moves 2(n-1)/n·S = S, all-gather (n-1)/n·S = S/2, with 2(n-1) = 2 latency steps.
     a_ar, b_ar = _fit_alpha_beta(res["all_reduce"], 1.0)
     a_ag, b_ag = _fit_alpha_beta(res["all_gather"], 0.5)
-    return {"all_reduce": res["all_reduce"], "all_gather": res["all_gather"],
-            "latency_us": 1e6 * min(a_ar / 2, a_ag), "bandwidth_gb_s": min(b_ar, b_ag) / 1e9}
+    out = {"all_reduce": res["all_reduce"], "all_gather": res["all_gather"],
+           "latency_us": 1e6 * min(a_ar / 2, a_ag), "bandwidth_gb_s": min(b_ar, b_ag) / 1e9}
+    if "parallel" in res:
+        from scalelm.calibrate_parallel import per_unit_overheads
+
+        out["fsdp_unit_us"], out["tp_pair_us"] = per_unit_overheads(
+            res["parallel"], lambda size: a_ag + 0.5 * size / b_ag, lambda size: a_ar + size / b_ar)
+    return out
 
 
 def calibrate(quick: bool = False, collectives: bool = True) -> dict:
@@ -275,6 +288,8 @@ comm_overlap = 0.0
 clock_derate = 1.0
 kernel_overhead_us = {mm['kernel_overhead_us']:.2f}
 host_op_us = {result.get('host_op_us', 0.0):.2f}
+fsdp_unit_us = {coll.get('fsdp_unit_us', 0.0):.1f}
+tp_pair_us = {coll.get('tp_pair_us', 0.0):.1f}
 source = "measured by scalelm calibrate"
 
 [node]

@@ -230,3 +230,37 @@ def test_muon_adds_its_orthogonalization_to_the_optimizer_time():
     assert muon.step_time_s > adamw.step_time_s
     with pytest.raises(LayoutError, match="whole matrices"):
         check_layout(cfg, Layout(dp=2, zero=3, micro_batch=4, optimizer="muon"), 2, 8, 64)
+
+
+def test_parallel_overheads_are_what_compute_and_transfer_leave():
+    from scalelm.calibrate_parallel import per_unit_overheads
+
+    m = {"plain": 0.100, "fsdp": 0.180, "tp_local": 0.060, "tp": 0.100, "units": 4,
+         "unit_param_bytes": 2_000_000, "activation_bytes": 1_000_000}
+    fsdp_us, tp_us = per_unit_overheads(m, lambda size: size / 1e9, lambda size: 2 * size / 1e9)
+    assert fsdp_us == pytest.approx((0.080 / 4 - 3 * 0.002) * 1e6)  # 2 gathers + 1 reduce-scatter per unit
+    assert tp_us == pytest.approx((0.040 / 4 - 2 * 0.002) * 1e6)  # 2 all-reduces per column/row pair
+    assert per_unit_overheads(dict(m, fsdp=0.1), lambda s: 1.0, lambda s: 1.0) == (0.0, 0.0)
+
+
+def test_measured_fsdp_and_tp_host_costs_enter_the_step():
+    from scalelm.perf.hardware import parse_hardware
+    from scalelm.perf.layout import Layout
+    from scalelm.perf.step import predict_step
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
+
+    def cpu(**eff):
+        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
+                                               "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
+                               "efficiency": {"comm_overlap": 0.0, **eff},
+                               "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+
+    fsdp = Layout(dp=2, zero=3, micro_batch=4, precision="fp32")
+    base = predict_step(cfg, cpu(), fsdp, 64, 8)
+    slow = predict_step(cfg, cpu(fsdp_unit_us=1000.0), fsdp, 64, 8)
+    assert slow.step_time_s - base.step_time_s == pytest.approx(3 * 1e-3)  # 2 layers + the root, one sync
+    tp = Layout(tp=2, micro_batch=8, precision="fp32")
+    base = predict_step(cfg, cpu(), tp, 64, 8)
+    slow = predict_step(cfg, cpu(tp_pair_us=1000.0), tp, 64, 8)
+    assert slow.step_time_s - base.step_time_s == pytest.approx(2 * 2 * 1e-3)  # 2 pairs in each of 2 layers

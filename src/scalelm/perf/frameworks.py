@@ -50,6 +50,9 @@ class Framework:
     """Bytes per gradient element kept for the optimizer (fp32 accumulation is the common default)."""
     grad_comm_bytes: int = 2
     """Bytes per element on the wire for gradient reduction (bf16 reduce) -- 4 for fp32 reduce."""
+    param_gather_bytes: int = 2
+    """Bytes per element ZeRO-3/FSDP all-gathers (bf16 compute copies) -- 4 when the fp32 parameters are
+    gathered as they are (FSDP2 without a MixedPrecisionPolicy)."""
     fp8_cast_bytes: float = 5.0
     """Dynamic-scaling FP8: bytes moved per GEMM input element to find amax and cast (read 2+2, write 1)."""
     step_overhead_s: float = 0.0
@@ -114,8 +117,9 @@ PROFILES: dict[str, Framework] = {
                      loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.9,
                      defaults=dict(_FSDP_DEFAULTS, zero=3, recompute="full")),
     # scalelm's own trainer: plain PyTorch, SDPA, FSDP2/DDP. Its CPU runs use the `local` calibration.
+    # FSDP2 without a MixedPrecisionPolicy: fp32 parameters gathered and fp32 gradients reduced.
     "scalelm": Framework("scalelm", elementwise_factor=1.0, fused_norm=False, fp32_stream=True,
-                         defaults=_FSDP_DEFAULTS),
+                         grad_comm_bytes=4, param_gather_bytes=4, defaults=_FSDP_DEFAULTS),
 }
 
 COMPILE_ELEMENTWISE_FACTOR = 0.5
@@ -143,7 +147,8 @@ def framework_for(text: str | None) -> Framework:
     elif "scalelm" in t or not t:
         fw = PROFILES["scalelm"]
     else:
-        fw = replace(PROFILES["scalelm"], name=f"generic ({text})", fp32_stream=False)
+        fw = replace(PROFILES["scalelm"], name=f"generic ({text})", fp32_stream=False, grad_comm_bytes=2,
+                     param_gather_bytes=2)
     if "compile" in t and fw.elementwise_factor > COMPILE_ELEMENTWISE_FACTOR:
         fw = replace(fw, elementwise_factor=COMPILE_ELEMENTWISE_FACTOR, fused_norm=True)
     if "asynctp" in t or "async tp" in t or "tp-comm-overlap" in t or "tp_comm_overlap" in t:

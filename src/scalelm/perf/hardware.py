@@ -81,6 +81,12 @@ class Efficiency:
     comm_overlap: float = 1.0
     """Share of the framework's compute/communication overlap this device can realize. 0 where collectives run
     synchronously on the compute cores (gloo on a CPU: nothing hides behind compute)."""
+    fsdp_unit_us: float = 0.0
+    """Host time per FSDP unit (a block) and micro-batch sync beyond its collectives' transfer: copy-in/out,
+    hooks, waiting for the slower rank. 0 on accelerators, where it runs ahead of the device."""
+    tp_pair_us: float = 0.0
+    """The same per tensor-parallel column/row pair (an attention or MLP sub-layer) and micro-batch: DTensor
+    dispatch and the wait at its all-reduces."""
     host_op_us: float = 0.0
     """Host time per eager operator (dispatch + autograd) that the device cannot hide. 0 on accelerators: the
     host enqueues kernels asynchronously and runs ahead of them. On a CPU the host *is* the device, so every

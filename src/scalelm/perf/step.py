@@ -134,6 +134,8 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     tp_ar = comm.all_reduce_s(tp_msg, tp, hw, rpn) if tp > 1 else 0.0
     n_ar = 4 + (2 if lo.recompute == "full" else 0)
     tp_total = n_ar * tp_ar
+    if tp > 1:  # host work of the two column/row pairs per layer (forward and backward), see Efficiency
+        tp_total += 2 * hw.efficiency.tp_pair_us * 1e-6 * (1.5 if lo.recompute == "full" else 1.0)
     tp_overlap = fw.tp_overlap * hw.efficiency.comm_overlap
     # Context parallel: ring attention passes K and V chunks around the cp ranks, overlapped with attention.
     cp_f = cp_b = 0.0
@@ -205,18 +207,20 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     if n_rep > 1:
         grad_wire = psi_stage * fw.grad_comm_bytes
         if lo.zero == 3:
-            ag = comm.all_gather_s(psi_stage * 2, shard, hw, min(rpn, shard))
+            ag = comm.all_gather_s(psi_stage * fw.param_gather_bytes, shard, hw, min(rpn, shard))
             rs = comm.all_gather_s(grad_wire, shard, hw, min(rpn, shard))
             regather = fw.reshard_after_forward and lo.pp == 1
             per_sync = ag * (2 if regather else 1) + rs
             syncs = m if (fw.fsdp_comm_per_microbatch and lo.pp == 1) else 1
-            total = syncs * per_sync
+            total = syncs * (per_sync + (layers + 1) * hw.efficiency.fsdp_unit_us * 1e-6)
             if shard < n_rep:
                 total += comm.all_reduce_s(grad_wire / shard, n_rep // shard, hw, 1)
             window = busy * fw.fsdp_overlap * overlap
             dp_exposed = max(0.0, total - window) + ag / max(1, layers)
         else:
             total = comm.all_reduce_s(grad_wire, n_rep, hw, rpn)
+            if lo.zero == 2:  # FSDP without resharding: the same per-unit host work as ZeRO-3
+                total += (layers + 1) * hw.efficiency.fsdp_unit_us * 1e-6
             window = t_b * fw.dp_overlap * overlap
             dp_exposed = max(0.0, total - window)
         dp_hidden = total - dp_exposed

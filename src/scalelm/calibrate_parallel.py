@@ -15,17 +15,6 @@ import time
 D_MODEL, HIDDEN, TOKENS, UNITS = 256, 1024, 2048, 4
 
 
-def _median_seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def _units(hidden: int):
     from torch import nn
 
@@ -33,7 +22,7 @@ def _units(hidden: int):
                                          nn.Linear(hidden, D_MODEL, bias=False)) for _ in range(UNITS)])
 
 
-def measure_parallel_overheads(world: int, reps: int = 5) -> dict:
+def measure_parallel_overheads(world: int, reps: int = 11) -> dict:
     """Seconds per forward+backward of the unit stack: plain full-size (`plain`), FSDP (`fsdp`), plain with
     the hidden size split over the ranks (`tp_local`) and tensor-parallel (`tp`), plus the message sizes."""
     import torch
@@ -45,24 +34,31 @@ def measure_parallel_overheads(world: int, reps: int = 5) -> dict:
     x = torch.randn(TOKENS, D_MODEL)
     mesh = init_device_mesh("cpu", (world,))
 
-    def timed(model) -> float:
+    def step_of(model):
         def step():
             model(x).sum().backward()
             model.zero_grad(set_to_none=True)
 
-        return _median_seconds(step, reps)
+        return step
 
-    plain = timed(_units(HIDDEN))
-    tp_local = timed(_units(HIDDEN // world))
-    sharded = _units(HIDDEN)
+    sharded, split = _units(HIDDEN), _units(HIDDEN)
     for unit in sharded:
         fully_shard(unit, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
-    fsdp = timed(sharded)
-    split = _units(HIDDEN)
     for unit in split:
         parallelize_module(unit, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    tp = timed(split)
+    variants = {"plain": _units(HIDDEN), "fsdp": sharded, "tp_local": _units(HIDDEN // world), "tp": split}
+    steps = {name: step_of(model) for name, model in variants.items()}
+    for step in steps.values():
+        step()
+    # Alternate the variants rep by rep, so a drift of the machine's speed hits all of them alike.
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    plain, fsdp, tp_local, tp = (sorted(t)[len(t) // 2] for t in times.values())
     return {"plain": plain, "fsdp": fsdp, "tp_local": tp_local, "tp": tp, "units": UNITS,
             "unit_param_bytes": 2 * D_MODEL * HIDDEN * 4, "activation_bytes": TOKENS * D_MODEL * 4}
 

@@ -145,9 +145,14 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
         ring = (cp - 1) * (link.alpha_s + kv_bytes / link.beta_bytes_s)
         cp_f, cp_b = max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
     head_host = op_s * fw.host_ops_fixed
+    # Vocabulary-parallel embedding and head: an all-reduce of the embedding output in forward and of the head's
+    # input gradient in backward, with the host work of one more column/row pair (loss_parallel's small
+    # collectives included).
+    head_tp = (2 * tp_ar + hw.efficiency.tp_pair_us * 1e-6) * (1 - tp_overlap) if tp > 1 else 0.0
     return {"layer_f": layer_f, "layer_b": layer_b + recompute, "recompute": recompute, "gemm": f_g + b_g,
                 "attn": attn_f + attn_b, "ew": ew_f + ew_b, "host": host_f + host_b, "head_host": head_host,
-                "head_f": hf + loss / 3 + head_host / 3, "head_b": hb + 2 * loss / 3 + 2 * head_host / 3,
+                "head_f": hf + loss / 3 + head_host / 3 + head_tp / 2,
+                "head_b": hb + 2 * loss / 3 + 2 * head_host / 3 + head_tp / 2,
                 "tp_exposed": tp_total * (1 - tp_overlap), "tp_hidden": tp_total * tp_overlap,
                 "cp": cp_f + cp_b, "tokens": tokens, "act": act, "n_ar": n_ar}
 

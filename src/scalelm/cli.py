@@ -85,7 +85,8 @@ def cmd_train(argv: list[str]) -> int:
               "  hardware: --parallel.hardware NAME|FILE, or the GPU's built-in file, or `scalelm calibrate`'s)\n\n"
               "keys: " + ", ".join(all_keys()))
         return 0
-    from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
+    from scalelm.config import build_config, load_toml, parse_overrides
+    from scalelm.layout_rules import validate_parallel
 
     nproc, argv = _pop_nproc(argv)
     argv = _expand_parallel(argv)
@@ -170,7 +171,8 @@ def cmd_slurm(argv: list[str]) -> int:
     train_args = [a for a in train_args if a != "--"]
     if args.nodes < 1 or args.nproc_per_node < 1:
         raise UsageError("--nodes and --nproc-per-node must be >= 1")
-    from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
+    from scalelm.config import build_config, load_toml, parse_overrides
+    from scalelm.layout_rules import validate_parallel
 
     overrides = parse_overrides(_expand_parallel(train_args))
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}

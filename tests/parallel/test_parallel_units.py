@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from scalelm.cli import main, slurm_script, torchrun_command
-from scalelm.config import ConfigError, build_config, validate_parallel
+from scalelm.config import ConfigError, build_config
+from scalelm.layout_rules import validate_parallel
 from scalelm.parallel.checkpoint import JsonMetadataWriter, SafeReader, canonical_name, read_metadata
 from scalelm.parallel.pipeline import split_layers, stage_ids, stage_owners
 

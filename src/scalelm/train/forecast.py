@@ -16,7 +16,8 @@ from typing import Any
 
 import tomllib
 
-from scalelm.config import Config, ConfigError, muon_fits, resolve_optimizer, validate_parallel
+from scalelm.config import Config, ConfigError
+from scalelm.layout_rules import muon_fits, resolve_optimizer, validate_parallel
 from scalelm.perf.frameworks import Framework, framework_for
 from scalelm.perf.hardware import Hardware, HardwareError, load_hardware, local_hardware_path
 from scalelm.perf.layout import Layout

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scalelm.config import Config, ConfigError, resolve_optimizer, to_toml
+from scalelm.config import Config, ConfigError, to_toml
 from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
+from scalelm.layout_rules import resolve_optimizer
 from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
 from scalelm.parallel import ParallelDims, init_distributed, parallelize

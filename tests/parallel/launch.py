@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import TINY, losses
+from helpers import TINY, losses, run_multiprocess
 
 import scalelm
 from scalelm.train.checkpoint import unique_state
@@ -27,7 +27,7 @@ def env() -> dict[str, str]:
 def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N ARGS` (a free port is picked, so launches may overlap)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
+    result = run_multiprocess(cmd, env=env(), timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd[3:])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
     return result
 

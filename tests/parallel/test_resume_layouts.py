@@ -4,11 +4,10 @@ continued losses equal an uninterrupted single-process run's, and no batch is sk
 import json
 import pickle
 import shutil
-import subprocess
 import sys
 
 import pytest
-from helpers import TINY, losses, metrics
+from helpers import TINY, losses, metrics, run_multiprocess
 from helpers import train as train_single
 from launch import BASE, assert_parity, env, torchrun
 
@@ -38,8 +37,8 @@ def test_resume_on_other_layouts(tmp_path, monkeypatch):
     # ... resumed by pp2 on 2 processes, through the `--nproc` convenience
     pp2 = tmp_path / "pp2"
     shutil.copytree(saved, pp2)
-    result = subprocess.run([sys.executable, "-m", "scalelm", "train", "--nproc", "2", *ARGS, "--parallel.pp", "2",
-                             "--out", str(pp2)], env=env(), capture_output=True, text=True, timeout=600, check=False)
+    result = run_multiprocess([sys.executable, "-m", "scalelm", "train", "--nproc", "2", *ARGS, "--parallel.pp", "2",
+                               "--out", str(pp2)], env=env(), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stderr and "at step 5" in result.stderr
 

@@ -3,13 +3,12 @@ trainer can run, and every run logs predicted next to measured step time and mem
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tomllib
-from helpers import TINY, metrics, train
+from helpers import TINY, metrics, run_multiprocess, train
 
 from scalelm.calibrate import write_toml
 from scalelm.cli import main
@@ -187,10 +186,9 @@ def test_nproc_auto_plans_in_the_parent(tmp_path, hw_path):
     src = str(Path(__file__).parents[2] / "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, *sys.path]), OMP_NUM_THREADS="1")  # as tests/parallel
     out = tmp_path / "auto2"
-    result = subprocess.run([sys.executable, "-m", "scalelm", "train", "--nproc", "2", "--parallel", "auto",
-                             "--parallel.hardware", str(hw_path), *TINY, "--train.steps", "2", "--train.log_every", "1",
-                             "--train.eval_batches", "1", "--out", str(out)],
-                            env=env, capture_output=True, text=True, timeout=600, check=False)
+    result = run_multiprocess([sys.executable, "-m", "scalelm", "train", "--nproc", "2", "--parallel", "auto",
+                               "--parallel.hardware", str(hw_path), *TINY, "--train.steps", "2", "--train.log_every",
+                               "1", "--train.eval_batches", "1", "--out", str(out)], env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.startswith("parallel auto (hardware local from")
     p = tomllib.loads((out / "config.toml").read_text())["parallel"]

@@ -27,12 +27,12 @@ from scalelm.train.peak import cpu_peak_flops, gpu_peak_flops
 
 
 def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps: int, device: str,
-            fresh_peak: bool) -> dict:
+            fresh_peak: bool, compile_mode: str = "default") -> dict:
     torch.manual_seed(0)
     cfg = get_preset(preset)
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compiled else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=0, help="0 = the model's max_seq_len")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"],
+                   help="torch.compile mode; max-autotune also times Inductor's GEMM templates against ATen's")
     p.add_argument("--peak", choices=["fresh", "cached"], default="fresh",
                    help="CPU: measure the matmul peak around each row (fresh) or use the cached figure")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +87,8 @@ def main() -> None:
           f"{'peak':>8} {'MFU':>6}")
     for dtype in dtypes:
         for compiled in compiles:
-            r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device, args.peak == "fresh")
+            r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device, args.peak == "fresh",
+                        args.compile_mode)
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
             peak = f"{r['peak_gflops']:.0f}" if r["peak_gflops"] else "n/a"
             print(f"{r['preset']:18} {dtype:5} {str(compiled):7} {f'{args.batch}×{seq}':>10} "

@@ -265,3 +265,11 @@ def test_measured_fsdp_and_tp_host_costs_enter_the_step():
     slow = predict_step(cfg, cpu(tp_pair_us=1000.0), tp, 64, 8)
     # 2 pairs in each of 2 layers, and one for the vocabulary-parallel embedding and head
     assert slow.step_time_s - base.step_time_s == pytest.approx((2 * 2 + 1) * 1e-3)
+
+
+def test_tp_without_sp_replicates_norms_and_residual_adds():
+    from scalelm.perf.flops import UNFUSED_RMSNORM_ELEMS, replicated_elementwise_bytes_per_token
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
+    assert replicated_elementwise_bytes_per_token(cfg, 2, fused_norm=True) == 10 * 256 * 2  # 2 norms (2h) + 2 adds (3h)
+    assert replicated_elementwise_bytes_per_token(cfg, 4, fused_norm=False) == (2 * UNFUSED_RMSNORM_ELEMS + 6) * 256 * 4

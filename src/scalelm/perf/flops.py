@@ -120,6 +120,13 @@ def elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm
     return elems * act_bytes
 
 
+def replicated_elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm: bool = True) -> float:
+    """The part of `elementwise_bytes_per_token` that tensor parallelism without sequence parallelism does not
+    split: the two norms and the two residual adds run on the full hidden size on every TP rank."""
+    norm = 2 * cfg.d_model if fused_norm else UNFUSED_RMSNORM_ELEMS * cfg.d_model
+    return (2 * norm + 2 * 3 * cfg.d_model) * act_bytes
+
+
 def softmax_bytes_per_token(cfg: ModelConfig, seq: int, dropout: bool) -> float:
     """Unfused (non-flash) attention: bytes per token per layer of the scale-mask-softmax (+dropout) kernels
     over the H×T score rows, forward only: fused softmax reads and writes 2 bytes per score, dropout reads

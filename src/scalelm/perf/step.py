@@ -28,6 +28,7 @@ from scalelm.perf.flops import (
     layer_gemms,
     logits_bytes_per_token,
     newton_schulz_gemms,
+    replicated_elementwise_bytes_per_token,
     softmax_bytes_per_token,
 )
 from scalelm.perf.frameworks import PROFILES, Framework
@@ -108,7 +109,7 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
         attn_f, attn_b = qk + pv + scores_f, qk_b + pv_b + 1.2 * scores_f
     ew_act = 4 if fw.fp32_stream and dtype != "fp8" else act
     ew = elementwise_bytes_per_token(cfg, ew_act, fw.fused_norm) * tokens * fw.elementwise_factor
-    repl = 10 * cfg.d_model * ew_act * tokens * fw.elementwise_factor
+    repl = replicated_elementwise_bytes_per_token(cfg, ew_act, fw.fused_norm) * tokens * fw.elementwise_factor
     ew = ew / tp if lo.sequence_parallel else repl + (ew - repl) / tp
     ew_f = compute.memory_bound_s(ew + cast_f, hw)
     ew_b = compute.memory_bound_s(2 * ew + cast_b, hw)

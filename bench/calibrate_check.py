@@ -12,8 +12,8 @@
    `python -m scalelm train --model.preset P --train.steps N --train.log_every N/2 ... --out TMPDIR`, and the
    measured step time is `step_time_s` of the last metrics line (the mean over the second half of the steps,
    so the first, warming-up steps are left out).
-3. The perf model (no torch) predicts the same step: the same model, batch, sequence, precision (the trainer's
-   resolved `train.dtype`, read from its log), micro-batch and layout, the `scalelm` framework profile.
+3. The trainer's own forecast (`scalelm.train.forecast.predict_run`, the torch-free step model) predicts the same
+   step from the same config and layout, at the precision the trainer resolved (read from its log).
 
 A layout the trainer cannot run yet (it rejects `--nproc` or a `--parallel.*` key) prints
 "n/a (trainer lacks it)". The machine is shared: timings are noisy, so the table prints the load average.
@@ -22,7 +22,6 @@ A layout the trainer cannot run yet (it rejects `--nproc` or a `--parallel.*` ke
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -34,13 +33,10 @@ from pathlib import Path
 
 import tomllib
 
-from scalelm.config import TrainConfig
-from scalelm.model.presets import get_preset
-from scalelm.perf.frameworks import PROFILES
+from scalelm.config import build_config, parse_overrides
 from scalelm.perf.hardware import load_hardware
-from scalelm.perf.layout import Layout
 from scalelm.perf.report import table
-from scalelm.perf.step import predict_step
+from scalelm.train.forecast import predict_run
 
 DEFAULT_RUNS = [
     "shakespeare-char:",  # the default run: bf16 autocast, batch 32, Muon where the layout allows it
@@ -48,11 +44,11 @@ DEFAULT_RUNS = [
     "tiny:",
 ]
 LAYOUTS = {
-    # name: (processes, trainer flags, perf-model layout fields)
-    "1": (1, [], {}),
-    "dp2": (2, [], {"dp": 2, "zero": 3}),
-    "tp2": (2, ["--parallel.tp", "2"], {"tp": 2, "zero": 3}),
-    "pp2": (2, ["--parallel.pp", "2"], {"pp": 2, "zero": 3}),
+    # name: (processes, trainer flags)
+    "1": (1, []),
+    "dp2": (2, []),
+    "tp2": (2, ["--parallel.tp", "2"]),
+    "pp2": (2, ["--parallel.pp", "2"]),
 }
 LACKS = re.compile(r"unknown (config key|option|argument)|unrecognized arguments|no such option|nproc", re.IGNORECASE)
 
@@ -86,20 +82,9 @@ def parse_run(spec: str) -> tuple[str, list[str]]:
     return preset.strip(), shlex.split(args)
 
 
-def _overrides(args: list[str]) -> dict[str, str]:
-    out, i = {}, 0
-    while i < len(args):
-        if args[i].startswith("--") and i + 1 < len(args):
-            out[args[i][2:]] = args[i + 1]
-            i += 2
-        else:
-            i += 1
-    return out
-
-
 def train(preset: str, args: list[str], layout: str, steps: int, workdir: Path) -> dict:
     """Run the trainer; {'step_s', 'dtype', 'threads'} or {'na': reason}."""
-    nproc, flags, _ = LAYOUTS[layout]
+    nproc, flags = LAYOUTS[layout]
     out = Path(tempfile.mkdtemp(prefix=f"{preset}-{layout}-", dir=workdir))
     cmd = [sys.executable, "-m", "scalelm", "train", "--model.preset", preset, "--train.steps", str(steps),
            "--train.log_every", str(max(1, steps // 2)), "--metrics.progress", "false", "--train.eval_every", "0",
@@ -125,26 +110,12 @@ def train(preset: str, args: list[str], layout: str, steps: int, workdir: Path) 
             "threads": int(threads.group(1)) if threads else None, "optimizer": optimizer}
 
 
-def predict(preset: str, args: list[str], layout: str, dtype: str, hw_path: Path, optimizer: str) -> float:
-    over = _overrides(args)
-    cfg = get_preset(preset)
-    model_over = {}
-    for k, v in over.items():
-        if k.startswith("model.") and k[6:] in {f.name for f in dataclasses.fields(cfg)}:
-            cur = getattr(cfg, k[6:])
-            model_over[k[6:]] = type(cur)(v) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else v
-    cfg = dataclasses.replace(cfg, **model_over)
-    t = TrainConfig()
-    gbs = int(over.get("train.global_batch", t.global_batch))
-    seq = int(over.get("train.seq_len", t.seq_len)) or cfg.max_seq_len
-    mb = int(over.get("train.micro_batch", t.micro_batch))
-    _, _, fields = LAYOUTS[layout]
-    dp, pp = fields.get("dp", 1), fields.get("pp", 1)
-    local = gbs // dp
-    if pp > 1:  # torch.distributed.pipelining: pp_microbatches defaults to pp
-        mb = local // pp
-    lo = Layout(micro_batch=mb or local, precision=dtype, optimizer=optimizer, **fields)
-    return predict_step(cfg, load_hardware(str(hw_path)), lo, seq, gbs, PROFILES["scalelm"], strict=False).step_time_s
+def predict(preset: str, args: list[str], layout: str, dtype: str, hw_path: Path) -> float:
+    """The trainer's own forecast (scalelm.train.forecast) for this run: same config, layout, precision and the
+    optimizer `optim.name` resolves to for that layout."""
+    nproc, flags = LAYOUTS[layout]
+    cfg = build_config({}, parse_overrides(["--model.preset", preset, *args, *flags]))
+    return predict_run(cfg, nproc, dtype, load_hardware(str(hw_path)))["step_time_s"]
 
 
 def main() -> int:
@@ -188,8 +159,8 @@ def _check(args, runs, layouts, default_threads: int, workdir: Path) -> int:
             if LAYOUTS[layout][0] > 1:
                 hw_1t = hw_1t or ensure_hardware(args.hardware_1t, 1, workdir)
                 hw_path = hw_1t
-            dtype = m["dtype"] or _overrides(extra).get("train.dtype", "fp32")
-            pred = predict(preset, extra, layout, dtype, hw_path, m["optimizer"])
+            dtype = m["dtype"] or parse_overrides(extra).get("train.dtype", "fp32")
+            pred = predict(preset, extra, layout, dtype, hw_path)
             err = 100 * (pred - m["step_s"]) / m["step_s"]
             errors.append(abs(err))
             rows.append([name, layout, f"{m['threads'] or '?'}", f"{pred:.4f}", f"{m['step_s']:.4f}", f"{err:+.1f}"])

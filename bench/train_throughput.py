@@ -27,10 +27,12 @@ from scalelm.train.peak import cpu_peak_flops, gpu_peak_flops
 
 
 def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps: int, device: str,
-            fresh_peak: bool, compile_mode: str = "default") -> dict:
+            fresh_peak: bool, compile_mode: str = "default", fuse_qkv: bool = True) -> dict:
     torch.manual_seed(0)
     cfg = get_preset(preset)
     model = GPT(cfg).to(device)
+    for block in model.layers.values():
+        block.attention.fuse_projections = fuse_qkv
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compiled else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
@@ -75,6 +77,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"],
                    help="torch.compile mode; max-autotune also times Inductor's GEMM templates against ATen's")
+    p.add_argument("--fuse-qkv", type=int, choices=[0, 1], default=1,
+                   help="q/k/v as one matmul (the model's default) or three (as under tensor parallelism)")
     p.add_argument("--peak", choices=["fresh", "cached"], default="fresh",
                    help="CPU: measure the matmul peak around each row (fresh) or use the cached figure")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +92,7 @@ def main() -> None:
     for dtype in dtypes:
         for compiled in compiles:
             r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device, args.peak == "fresh",
-                        args.compile_mode)
+                        args.compile_mode, bool(args.fuse_qkv))
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
             peak = f"{r['peak_gflops']:.0f}" if r["peak_gflops"] else "n/a"
             print(f"{r['preset']:18} {dtype:5} {str(compiled):7} {f'{args.batch}×{seq}':>10} "

@@ -4,7 +4,8 @@
     python bench/train_throughput.py --preset tiny --dtype fp32 --compile 0
 
 MFU = flops_per_token × tokens/s / peak, where the peak is the device's: a data-sheet figure on known GPUs, the
-measured best square-matmul rate of the same dtype on a CPU (scalelm.train.peak). Each row times full optimizer
+measured best square-matmul rate of the same dtype on a CPU over every GEMM backend it has (scalelm.train.peak: for
+fp32, PyTorch's BLAS and oneDNN, whichever is faster, also when the model runs the other one). Each row times full optimizer
 steps (forward, backward, clip, AdamW) after warm-up steps, and reports the median.
 
 On a CPU the peak is measured again in this process, just before and just after each row, and the higher of the
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT
-from scalelm.train.peak import cpu_peak_flops, gpu_peak_flops
+from scalelm.model.linear import onednn_available, set_cpu_matmul
+from scalelm.train.host_memory import keep_freed_host_memory
+from scalelm.train.peak import cpu_peak_flops, fastest_cpu_matmul, gpu_peak_flops
 
 
 def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps: int, device: str,
@@ -81,12 +84,24 @@ def main() -> None:
                    help="q/k/v as one matmul (the model's default) or three (as under tensor parallelism)")
     p.add_argument("--peak", choices=["fresh", "cached"], default="fresh",
                    help="CPU: measure the matmul peak around each row (fresh) or use the cached figure")
+    p.add_argument("--cpu-matmul", choices=["auto", "onednn", "blas"], default="auto",
+                   help="CPU fp32 GEMM backend of the linear layers, as train.cpu_matmul (auto = the faster one here)")
+    p.add_argument("--host-memory", choices=["keep", "system"], default="keep",
+                   help="CPU: keep freed memory in the process as the trainer does (train.keep_host_memory), or "
+                        "leave glibc's default, which returns it to the OS and page-faults it back every step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    kept = args.device == "cpu" and args.host_memory == "keep" and keep_freed_host_memory()
+    matmul = args.cpu_matmul
+    if args.device == "cpu" and matmul == "auto":
+        matmul = fastest_cpu_matmul("fp32") if onednn_available() else "blas"
+    if args.device == "cpu":
+        set_cpu_matmul(matmul)  # used by fp32 rows only; bf16 autocast matmuls are PyTorch's own
     seq = args.seq or get_preset(args.preset).max_seq_len
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     compiles = [False, True] if args.compile == "both" else [args.compile == "1"]
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"host memory {'kept' if kept else 'system allocator'}, fp32 matmul {matmul}")
     print(f"{'preset':18} {'dtype':5} {'compile':7} {'batch×seq':>10} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'peak':>8} {'MFU':>6}")
     for dtype in dtypes:

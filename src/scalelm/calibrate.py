@@ -6,7 +6,8 @@ count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
 * matmul throughput over shapes (median of several calls each): the step model's curve peak·k/(k + k0)
   is fitted to all of them, giving the fp32 (and bf16) "peak" and the inner-dimension penalty k0 of
   compute.gemm_time_s; the fixed cost comes from a tiny matmul; then the forward and backward of a stack of
-  linear layers gives the share of that curve GEMMs reach inside a training step (`efficiency.matmul`);
+  linear layers gives the share of that curve GEMMs reach inside a training step (`efficiency.matmul`), and
+  again through the trainer's fp32 oneDNN path where that is the faster one (`efficiency.matmul_fp32_fast`);
 * host time per eager operator (dispatch + autograd), which a CPU cannot overlap with its own compute;
 * memory bandwidth: a large tensor copy (read + write) -> hbm_tb_s with memory_bw efficiency 1.0;
 * attention: causal scaled_dot_product_attention forward+backward in fp32 and bf16, expressed in the step
@@ -134,12 +135,16 @@ def measure_attention(peak_tflops: float, quick: bool = False, dtype: str = "flo
     return min(1.0, 1.0 / inv_e), c * 1e6
 
 
-def measure_step_matmul_efficiency(quick: bool = False) -> float:
+def measure_step_matmul_efficiency(quick: bool = False, backend: str = "blas") -> float:
     """Share of their stand-alone speed that GEMMs keep inside a training step: forward and backward of a stack of
     linear layers (fresh activations and gradients: allocation, cache misses) against the same twelve GEMMs run
     back to back on ready operands. The two are timed alternately and the median ratio kept, so a change of the
-    machine's speed during calibration cancels. Returned as the hardware file's `efficiency.matmul`."""
+    machine's speed during calibration cancels. Returned as the hardware file's `efficiency.matmul`; with
+    backend="onednn" the stack runs the trainer's fp32 path (scalelm.model.linear) against the same BLAS GEMMs
+    alone, which gives `efficiency.matmul_fp32_fast` (above 1 where oneDNN beats the BLAS curve)."""
     import torch
+
+    from scalelm.model.linear import cpu_matmul_backend, linear
 
     tokens, d, hidden = (1024 if quick else 2048), 256, 768
     x = torch.randn(tokens, d)
@@ -148,7 +153,7 @@ def measure_step_matmul_efficiency(quick: bool = False) -> float:
     def chain():
         y = x
         for w in weights:
-            y = y @ w.t()
+            y = linear(y, w)
         y.sum().backward()
 
     operands = []
@@ -162,13 +167,14 @@ def measure_step_matmul_efficiency(quick: bool = False) -> float:
         for a, b in operands:
             torch.mm(a, b)
 
-    chain(), alone()
-    ratios = []
-    for _ in range(3 if quick else 7):
-        t_alone, t_chain = _bench(alone, 1, warmup=0), _bench(chain, 1, warmup=0)
-        ratios.append(t_alone / t_chain)
+    with cpu_matmul_backend(backend):
+        chain(), alone()
+        ratios = []
+        for _ in range(3 if quick else 7):
+            t_alone, t_chain = _bench(alone, 1, warmup=0), _bench(chain, 1, warmup=0)
+            ratios.append(t_alone / t_chain)
     ratios.sort()
-    return max(0.3, min(1.0, ratios[len(ratios) // 2]))
+    return max(0.3, min(1.0 if backend == "blas" else 2.0, ratios[len(ratios) // 2]))
 
 
 def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
@@ -176,6 +182,9 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from scalelm.train.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     res = {"all_reduce": [], "all_gather": []}
@@ -240,6 +249,9 @@ def measure_collectives(quick: bool = False) -> dict:
 def calibrate(quick: bool = False, collectives: bool = True) -> dict:
     import torch
 
+    from scalelm.train.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()  # measure under the trainer's allocator setting (train.keep_host_memory)
     mm = measure_matmul(quick)
     try:
         bf16 = measure_matmul(quick, "bfloat16")["peak_tflops"]
@@ -252,6 +264,9 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
     except RuntimeError:
         attn_bf16, tile_us_bf16 = attn, tile_us
     step_eff = measure_step_matmul_efficiency(quick)
+    from scalelm.train.peak import fastest_cpu_matmul
+
+    fast = measure_step_matmul_efficiency(quick, "onednn") if fastest_cpu_matmul("fp32") == "onednn" else None
     host_op_us = measure_host_op_us(quick)
     coll = measure_collectives(quick) if collectives else {"latency_us": 50.0, "bandwidth_gb_s": 5.0}
     try:
@@ -259,7 +274,7 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
     except (ValueError, OSError, AttributeError):
         ram_gib = 16.0
     return {"matmul": mm, "bf16_tflops": bf16, "memory_tb_s": bw, "attention": attn, "attention_bf16": attn_bf16, "attention_tile_us": tile_us, "attention_tile_us_bf16": tile_us_bf16,
-            "matmul_step_efficiency": step_eff, "host_op_us": host_op_us,
+            "matmul_step_efficiency": step_eff, "matmul_fp32_fast": fast, "host_op_us": host_op_us,
             "collectives": coll,
             "ram_gib": ram_gib, "threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1,
             "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
@@ -271,6 +286,8 @@ def write_toml(result: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     mm, coll = result["matmul"], result["collectives"]
     shapes = "; ".join(f"{r['m']}x{r['n']}x{r['k']}: {r['tflops'] * 1e3:.1f} GFLOP/s" for r in mm["shapes"])
+    fast = result.get("matmul_fp32_fast")
+    fast_line = f"matmul_fp32_fast = {fast:.4f}\n" if fast else ""
     text = f"""# Written by `scalelm calibrate` on {time.strftime('%Y-%m-%d %H:%M')} ({result['machine']}, torch {result['torch']},
 # {result['threads']} threads). Measured values. matmul: the share of their stand-alone speed GEMMs keep
 # inside a training step; comm_overlap 0: gloo collectives run on the compute cores, nothing hides behind compute.
@@ -290,7 +307,7 @@ notes = "tdp_w and price are placeholders; edit them for energy and cost estimat
 
 [efficiency]
 matmul = {result.get('matmul_step_efficiency', 1.0):.4f}
-matmul_k_overhead = {mm['k_overhead']:.1f}
+{fast_line}matmul_k_overhead = {mm['k_overhead']:.1f}
 memory_bw = 1.0
 attention = {result['attention']:.4f}
 attention_bf16 = {result.get('attention_bf16', result['attention']):.4f}

@@ -87,6 +87,12 @@ class TrainConfig:
     """Tokens generated after each evaluation; 0 = none."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = leave torch's default."""
+    cpu_matmul: Literal["auto", "onednn", "blas"] = "auto"
+    """CPU fp32 GEMM backend of the linear layers: oneDNN or PyTorch's BLAS; auto = the faster square matmul as
+    measured on this CPU (cached with the MFU peak)."""
+    keep_host_memory: bool = True
+    """CPU: keep freed memory in the process for the next step instead of returning it to the OS (glibc), which
+    saves re-faulting every activation each step; false leaves the system allocator as it is."""
 
 
 @dataclass

@@ -92,3 +92,17 @@ def test_perf_never_imports_torch():
     code = ("import sys; import scalelm.perf.cli, scalelm.perf.planner, scalelm.perf.evaluate, scalelm.perf.plots; "
             "assert 'torch' not in sys.modules, 'perf imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fast_fp32_matmul_efficiency_applies_only_where_the_trainer_takes_that_path():
+    from dataclasses import replace
+
+    cfg, hw = get_preset("shakespeare-char"), load_hardware("h100-sxm-80gb")
+    fast = replace(hw, efficiency=replace(hw.efficiency, matmul_fp32_fast=hw.efficiency.matmul * 1.25))
+
+    def step(h, **kw):
+        return predict_step(cfg, h, Layout(micro_batch=32, **kw), 256, 64).step_time_s
+
+    assert step(fast, precision="fp32") < step(hw, precision="fp32")
+    assert step(fast, precision="bf16") == step(hw, precision="bf16")
+    assert step(fast, precision="fp32", tp=2) == step(hw, precision="fp32", tp=2)

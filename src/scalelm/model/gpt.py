@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelm.model.config import ModelConfig
+from scalelm.model.linear import Linear, linear
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +64,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_head
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.dim_head, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.n_head * cfg.dim_head, cfg.d_model, bias=cfg.bias)
+        self.wq = Linear(cfg.d_model, cfg.n_head * cfg.dim_head, bias=cfg.bias)
+        self.wk = Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
+        self.wv = Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
+        self.wo = Linear(cfg.n_head * cfg.dim_head, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.fuse_projections = True
 
@@ -77,7 +78,7 @@ class Attention(nn.Module):
         if self.fuse_projections:
             weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
             bias = torch.cat((self.wq.bias, self.wk.bias, self.wv.bias)) if self.wq.bias is not None else None
-            qkv = F.linear(x, weight, bias).view(bsz, seq, -1, self.head_dim)
+            qkv = linear(x, weight, bias).view(bsz, seq, -1, self.head_dim)
             qk, v = qkv.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=2)
             if rope is not None:  # q and k are adjacent in the fused output: rotate both in one pass
                 qk = apply_rope(qk, *rope)
@@ -104,9 +105,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
-        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if self.gated else None
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+        self.w1 = Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.w3 = Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if self.gated else None
+        self.w2 = Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -142,7 +143,7 @@ class GPT(nn.Module):
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent: recomputed by init_buffers(), never stored in checkpoints.

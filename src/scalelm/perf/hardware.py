@@ -58,6 +58,10 @@ class Efficiency:
 
     matmul: float = 0.75
     """Large-GEMM FLOP efficiency (cuBLAS-class)."""
+    matmul_fp32_fast: float | None = None
+    """`matmul` for fp32 GEMMs outside tensor parallelism, where the framework runs them on a faster kernel than
+    the one the curve was measured with (scalelm on CPUs: oneDNN instead of BLAS, scalelm.model.linear; under
+    tensor parallelism and in bf16 the matmuls stay PyTorch's own). None: `matmul`."""
     matmul_k_overhead: float = 128.0
     """Tile prologue/epilogue cost in units of the inner dimension: a GEMM with inner size k runs at
     k / (k + this) of `matmul` (fixed per-tile cost amortized over the main loop)."""

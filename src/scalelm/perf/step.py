@@ -14,7 +14,7 @@ Time components carry their names into `time_s`; the largest one names the bottl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scalelm.model.config import ModelConfig
 from scalelm.model.counting import block_params, embedding_params, flops_per_token, num_params
@@ -178,6 +178,8 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     """
     lo = layout
     fw = framework or PROFILES["scalelm"]
+    if lo.precision == "fp32" and lo.tp == 1 and hw.efficiency.matmul_fp32_fast is not None:
+        hw = replace(hw, efficiency=replace(hw.efficiency, matmul=hw.efficiency.matmul_fp32_fast))
     if strict:
         check_layout(cfg, lo, lo.world, global_batch, seq_len)
     m = max(1, math.ceil(global_batch / (lo.dp * lo.micro_batch)))

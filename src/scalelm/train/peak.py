@@ -1,8 +1,9 @@
 """Peak FLOP/s of the device the run uses, for MFU = flops_per_token × tokens/s / peak.
 
 GPUs: dense tensor-core peaks from vendor data sheets, matched by device name. CPUs have no data sheet figure
-that means anything here, so the peak is *measured* once — the best large square matmul rate — and cached per
-CPU model, thread count, dtype and torch version. An unknown GPU gives None: we never guess a peak.
+that means anything here, so the peak is *measured* once — the best large square matmul rate of any GEMM backend
+this PyTorch build has (BLAS and, for fp32, oneDNN) — and cached per CPU model, thread count, dtype and torch
+version. An unknown GPU gives None: we never guess a peak.
 """
 
 from __future__ import annotations
@@ -41,24 +42,35 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, seconds_per_size: float = 0.4) -> float:
-    """Best sustained matmul FLOP/s over square sizes 512–2048 with the current thread count."""
+def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, seconds_per_size: float = 0.4,
+                             backend: str = "blas") -> float:
+    """Best sustained matmul FLOP/s over square sizes 512–2048 with the current thread count, through `backend`
+    ("blas": torch.mm; "onednn": the kernel scalelm.model.linear routes fp32 linear layers to)."""
+    from scalelm.model.linear import onednn_mm_nt
+
+    matmul = torch.mm if backend == "blas" else onednn_mm_nt  # (a · bᵀ for onednn: the same FLOPs)
     best = 0.0
     for n in (512, 1024, 1536, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         for _ in range(2):
-            a @ b
+            matmul(a, b)
         start, reps = time.perf_counter(), 0
         while time.perf_counter() - start < seconds_per_size:
-            a @ b
+            matmul(a, b)
             reps += 1
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
     return best
 
 
-def cpu_peak_flops(dtype: str = "fp32", refresh: bool = False) -> float:
-    """Measured CPU matmul peak for `dtype`, cached in the user cache directory."""
-    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+def cpu_matmul_rates(dtype: str = "fp32", refresh: bool = False) -> dict[str, float]:
+    """Measured square-matmul FLOP/s per CPU backend this build has for `dtype`, cached in the user cache directory.
+
+    fp32 has two: PyTorch's BLAS and oneDNN (see scalelm.model.linear); other dtypes go through torch.mm alone
+    (PyTorch already sends CPU bf16 matmuls to oneDNN)."""
+    from scalelm.model.linear import onednn_available
+
+    backends = ["blas"] + (["onednn"] if dtype == "fp32" and onednn_available() else [])
+    base = f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
     path = _cache_dir() / "cpu_peak.json"
     cache: dict[str, float] = {}
     if path.is_file():
@@ -66,18 +78,30 @@ def cpu_peak_flops(dtype: str = "fp32", refresh: bool = False) -> float:
             cache = json.loads(path.read_text())
         except (OSError, ValueError):
             cache = {}
-    if key in cache and not refresh:
-        return cache[key]
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    cache[key] = measure_cpu_matmul_flops(torch_dtype)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
-    return cache[key]
+    keys = {backend: f"{base}|{backend}" for backend in backends}
+    if refresh or any(key not in cache for key in keys.values()):
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        for backend, key in keys.items():
+            cache[key] = measure_cpu_matmul_flops(torch_dtype, backend=backend)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+    return {backend: cache[key] for backend, key in keys.items()}
+
+
+def cpu_peak_flops(dtype: str = "fp32", refresh: bool = False) -> float:
+    """The CPU's matmul peak for `dtype`: the best rate of any backend (a GEMM may never run faster than the peak)."""
+    return max(cpu_matmul_rates(dtype, refresh).values())
+
+
+def fastest_cpu_matmul(dtype: str = "fp32") -> str:
+    """The backend with the higher measured fp32 matmul rate on this CPU: what train.cpu_matmul = auto picks."""
+    rates = cpu_matmul_rates(dtype)
+    return max(rates, key=rates.get)
 
 
 def _cpu_model() -> str:

@@ -16,13 +16,15 @@ from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_t
 from scalelm.layout_rules import resolve_optimizer
 from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
+from scalelm.model.linear import cpu_matmul_backend, onednn_available
 from scalelm.parallel import ParallelDims, init_distributed, parallelize
 from scalelm.parallel.ac import apply_ac
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
 from scalelm.train.forecast import prepare_forecast
+from scalelm.train.host_memory import keep_freed_host_memory
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
-from scalelm.train.peak import peak_flops
+from scalelm.train.peak import fastest_cpu_matmul, peak_flops
 from scalelm.train.trainer import Trainer, resolve_precision, token_loss
 
 
@@ -60,6 +62,8 @@ def train(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if device.type == "cpu" and cfg.train.keep_host_memory:
+        keep_freed_host_memory()
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     owns_group = not dist.is_initialized()  # a caller that set up the process group also tears it down
@@ -71,6 +75,23 @@ def train(cfg: Config) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str, world_size: int) -> str | None:
+    """The fp32 linear layers' GEMM backend per train.cpu_matmul, or None where the choice does not apply (GPU, or
+    autocast: those matmuls are PyTorch's own). All ranks use rank 0's choice."""
+    if device.type != "cpu" or precision != "fp32":
+        return None
+    choice = cfg.train.cpu_matmul
+    if choice == "onednn" and not onednn_available():
+        raise ConfigError("train.cpu_matmul=onednn but this PyTorch build has no oneDNN (mkldnn); use auto or blas")
+    if choice == "auto":
+        choice = fastest_cpu_matmul("fp32") if onednn_available() else "blas"
+        if world_size > 1:
+            chosen = [choice]
+            dist.broadcast_object_list(chosen, src=0)
+            choice = chosen[0]
+    return choice
+
+
 def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
     try:
         precision = resolve_precision(cfg.train.dtype, device)
@@ -78,6 +99,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
         raise ConfigError(str(e)) from None
     # The perf model's view of this run; with parallel.auto the planner writes the layout into cfg first.
     forecast = prepare_forecast(cfg, device, world_size, precision.name)
+    matmul = _choose_cpu_matmul(cfg, device, precision.name, world_size)
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
     lead = rank == 0  # only rank 0 writes files other than checkpoint shards
@@ -142,10 +164,12 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
         logger.print(f"parallel: {dims.describe()}, backend {dist.get_backend()}")
     logger.print(f"model {cfg.model.preset or 'custom'}: {num_params(cfg.model):,} parameters, "
                  f"{trainer.flops_per_token / 1e6:.1f} MFLOP/token; data {data_dir.name} "
-                 f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}; "
+                 f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}"
+                 f"{f', matmul {matmul}' if matmul else ''}; "
                  f"{peak_note}")
     logger.print(forecast.line())
     try:
-        return trainer.fit()
+        with cpu_matmul_backend(matmul or "blas"):
+            return trainer.fit()
     finally:
         logger.close()

@@ -8,6 +8,9 @@ measured best square-matmul rate of the same dtype on a CPU over every GEMM back
 fp32, PyTorch's BLAS and oneDNN, whichever is faster, also when the model runs the other one). Each row times full optimizer
 steps (forward, backward, clip, AdamW) after warm-up steps, and reports the median.
 
+MFU/mm divides by the peak of torch.mm alone (for fp32, the BLAS), the convention of a plain PyTorch
+setup; where oneDNN is faster (scalelm.model.linear) the MFU column's peak is higher than that one.
+
 On a CPU the peak is measured again in this process, just before and just after each row, and the higher of the
 two is used (`--peak cached` uses the trainer's cached figure instead): a shared VM's speed drifts by tens of
 percent between minutes, so a peak measured at another time would say more about the neighbours than the model.
@@ -26,7 +29,7 @@ from scalelm.model import get_preset
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import onednn_available, set_cpu_matmul
 from scalelm.train.host_memory import keep_freed_host_memory
-from scalelm.train.peak import cpu_peak_flops, fastest_cpu_matmul, gpu_peak_flops
+from scalelm.train.peak import cpu_matmul_rates, fastest_cpu_matmul, gpu_peak_flops
 
 
 def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps: int, device: str,
@@ -41,7 +44,7 @@ def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    peak_before = cpu_peak_flops(dtype, refresh=True) if device == "cpu" and fresh_peak else None
+    rates_before = cpu_matmul_rates(dtype, refresh=True) if device == "cpu" and fresh_peak else None
     times = []
     for i in range(steps + 3):
         start = time.perf_counter()
@@ -58,16 +61,18 @@ def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     tokens_per_s = batch * seq / step_s
+    blas_peak = None
     if device == "cuda":
         peak = gpu_peak_flops(torch.cuda.get_device_name(), dtype)
-    elif fresh_peak:
-        peak = max(peak_before, cpu_peak_flops(dtype, refresh=True))
     else:
-        peak = cpu_peak_flops(dtype)
+        rates = cpu_matmul_rates(dtype, refresh=fresh_peak)
+        if fresh_peak:
+            rates = {backend: max(rate, rates_before[backend]) for backend, rate in rates.items()}
+        peak, blas_peak = max(rates.values()), rates["blas"]
     flops = model.flops_per_token(seq) * tokens_per_s
     return {"preset": preset, "dtype": dtype, "compile": compiled, "batch": batch, "seq": seq,
             "tokens_per_s": tokens_per_s, "gflops": flops / 1e9, "peak_gflops": peak / 1e9 if peak else None,
-            "mfu": flops / peak if peak else None}
+            "mfu": flops / peak if peak else None, "mfu_blas": flops / blas_peak if blas_peak else None}
 
 
 def main() -> None:
@@ -103,15 +108,17 @@ def main() -> None:
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"host memory {'kept' if kept else 'system allocator'}, fp32 matmul {matmul}")
     print(f"{'preset':18} {'dtype':5} {'compile':7} {'batch×seq':>10} {'tokens/s':>10} {'GFLOP/s':>8} "
-          f"{'peak':>8} {'MFU':>6}")
+          f"{'peak':>8} {'MFU':>6} {'mm peak':>8} {'MFU/mm':>7}")
     for dtype in dtypes:
         for compiled in compiles:
             r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device, args.peak == "fresh",
                         args.compile_mode, bool(args.fuse_qkv))
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
             peak = f"{r['peak_gflops']:.0f}" if r["peak_gflops"] else "n/a"
+            blas = (f"{r['gflops'] / r['mfu_blas']:>8.0f} {r['mfu_blas']:>7.3f}" if r["mfu_blas"] is not None
+                    else f"{'n/a':>8} {'n/a':>7}")
             print(f"{r['preset']:18} {dtype:5} {str(compiled):7} {f'{args.batch}×{seq}':>10} "
-                  f"{r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {peak:>8} {mfu:>6}", flush=True)
+                  f"{r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {peak:>8} {mfu:>6} {blas}", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class Attention(nn.Module):
 
     q, k and v stay three `nn.Linear`s (tensor parallelism splits each by heads, checkpoints name them), but when
     `fuse_projections` is set they run as one matmul over their concatenated weights: one [T, 3d] GEMM and one
-    RoPE pass over q and k together, a few percent faster on a 2-core CPU (bench/fuse_qkv_ab.py). `apply_tp` turns the
+    RoPE pass over q and k together, a few percent faster on a 2-core CPU (bench/step_ab.py). `apply_tp` turns the
     fusion off, since each rank's slice of the concatenation would mix q, k and v.
     """
 

@@ -3,7 +3,8 @@
 PyTorch runs a CPU fp32 matmul through its BLAS (MKL on x86 wheels). On the AMD EPYC this project is developed on,
 MKL's sgemm reaches 145–180 GFLOP/s on 2 cores, while oneDNN, which PyTorch ships as `mkldnn`, reaches 200–210 on
 the same square matmul and is also faster on the model's [tokens × d] · [d × 3d] and [tokens × 3d] · [3d × d]
-shapes; the shakespeare-char training step is 16–19% faster with it (bench/train_throughput.py --cpu-matmul).
+shapes; the shakespeare-char fp32 training step is 6–19% faster with it, depending on how fast MKL happens to run
+on the shared machine (bench/step_ab.py --compare cpu-matmul; docs/benchmarks.md).
 PyTorch has no switch for this (its oneDNN matmul path is only taken for bf16 or reduced-precision fp32), so
 `linear` calls oneDNN's linear kernel directly, registered as a custom op so that torch.compile keeps it as one
 opaque call. Only the forward and the input gradient go to oneDNN: the weight gradient, a reduction over all the

@@ -19,6 +19,7 @@ percent between minutes, so a peak measured at another time would say more about
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT
-from scalelm.model.linear import onednn_available, set_cpu_matmul
+from scalelm.model.linear import set_cpu_matmul
 from scalelm.train.host_memory import keep_freed_host_memory
 from scalelm.train.peak import cpu_matmul_rates, fastest_cpu_matmul, gpu_peak_flops
 
@@ -45,8 +46,10 @@ def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
     rates_before = cpu_matmul_rates(dtype, refresh=True) if device == "cpu" and fresh_peak else None
-    times = []
+    times, faults = [], 0
     for i in range(steps + 3):
+        if i == 3:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         with amp:
             logits = fwd(x)
@@ -59,6 +62,7 @@ def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps
             torch.cuda.synchronize()
         if i >= 3:  # warm-up (and compilation) excluded
             times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     step_s = statistics.median(times)
     tokens_per_s = batch * seq / step_s
     blas_peak = None
@@ -72,7 +76,7 @@ def measure(preset: str, dtype: str, compiled: bool, batch: int, seq: int, steps
     flops = model.flops_per_token(seq) * tokens_per_s
     return {"preset": preset, "dtype": dtype, "compile": compiled, "batch": batch, "seq": seq,
             "tokens_per_s": tokens_per_s, "gflops": flops / 1e9, "peak_gflops": peak / 1e9 if peak else None,
-            "mfu": flops / peak if peak else None, "mfu_blas": flops / blas_peak if blas_peak else None}
+            "faults_per_step": faults, "mfu": flops / peak if peak else None, "mfu_blas": flops / blas_peak if blas_peak else None}
 
 
 def main() -> None:
@@ -99,7 +103,7 @@ def main() -> None:
     kept = args.device == "cpu" and args.host_memory == "keep" and keep_freed_host_memory()
     matmul = args.cpu_matmul
     if args.device == "cpu" and matmul == "auto":
-        matmul = fastest_cpu_matmul("fp32") if onednn_available() else "blas"
+        matmul = fastest_cpu_matmul("fp32")
     if args.device == "cpu":
         set_cpu_matmul(matmul)  # used by fp32 rows only; bf16 autocast matmuls are PyTorch's own
     seq = args.seq or get_preset(args.preset).max_seq_len
@@ -108,7 +112,7 @@ def main() -> None:
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"host memory {'kept' if kept else 'system allocator'}, fp32 matmul {matmul}")
     print(f"{'preset':18} {'dtype':5} {'compile':7} {'batch×seq':>10} {'tokens/s':>10} {'GFLOP/s':>8} "
-          f"{'peak':>8} {'MFU':>6} {'mm peak':>8} {'MFU/mm':>7}")
+          f"{'peak':>8} {'MFU':>6} {'mm peak':>8} {'MFU/mm':>7} {'faults/step':>11}")
     for dtype in dtypes:
         for compiled in compiles:
             r = measure(args.preset, dtype, compiled, args.batch, seq, args.steps, args.device, args.peak == "fresh",
@@ -118,7 +122,7 @@ def main() -> None:
             blas = (f"{r['gflops'] / r['mfu_blas']:>8.0f} {r['mfu_blas']:>7.3f}" if r["mfu_blas"] is not None
                     else f"{'n/a':>8} {'n/a':>7}")
             print(f"{r['preset']:18} {dtype:5} {str(compiled):7} {f'{args.batch}×{seq}':>10} "
-                  f"{r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {peak:>8} {mfu:>6} {blas}", flush=True)
+                  f"{r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {peak:>8} {mfu:>6} {blas} {r['faults_per_step']:>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

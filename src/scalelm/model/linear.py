@@ -1,7 +1,7 @@
 """fp32 linear layers on CPU through oneDNN, where its GEMM is faster than the BLAS one.
 
 PyTorch runs a CPU fp32 matmul through its BLAS (MKL on x86 wheels). On the AMD EPYC this project is developed on,
-MKL's sgemm reaches 145–180 GFLOP/s on 2 cores, while oneDNN, which PyTorch ships as `mkldnn`, reaches 200–210 on
+MKL's sgemm reaches 143–183 GFLOP/s on 2 cores, while oneDNN, which PyTorch ships as `mkldnn`, reaches 192–212 on
 the same square matmul and is also faster on the model's [tokens × d] · [d × 3d] and [tokens × 3d] · [3d × d]
 shapes; the shakespeare-char fp32 training step is 6–19% faster with it, depending on how fast MKL happens to run
 on the shared machine (bench/step_ab.py --compare cpu-matmul; docs/benchmarks.md).

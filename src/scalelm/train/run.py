@@ -84,7 +84,7 @@ def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str, world_
     if choice == "onednn" and not onednn_available():
         raise ConfigError("train.cpu_matmul=onednn but this PyTorch build has no oneDNN (mkldnn); use auto or blas")
     if choice == "auto":
-        choice = fastest_cpu_matmul("fp32") if onednn_available() else "blas"
+        choice = fastest_cpu_matmul("fp32")  # blas where this build has no oneDNN
         if world_size > 1:
             chosen = [choice]
             dist.broadcast_object_list(chosen, src=0)

@@ -3,9 +3,9 @@
 The only perf module that touches PyTorch, and only inside its functions. It measures, with the thread
 count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
 
-* matmul throughput over shapes (median of several calls each): the step model's curve peak·k/(k + k0)
-  is fitted to all of them, giving the fp32 (and bf16) "peak" and the inner-dimension penalty k0 of
-  compute.gemm_time_s; the fixed cost comes from a tiny matmul; then the forward and backward of a stack of
+* matmul throughput over shapes (median of several calls each): the step model's curve
+  peak·k/(k + k0)·n/(n + n0) is fitted to all of them, giving the fp32 (and bf16) "peak", the inner-dimension
+  penalty k0 and the narrow-output penalty n0 of compute.gemm_time_s; the fixed cost comes from a tiny matmul; then the forward and backward of a stack of
   linear layers gives the share of that curve GEMMs reach inside a training step (`efficiency.matmul`), and
   again through the trainer's fp32 oneDNN path where that is the faster one (`efficiency.matmul_fp32_fast`);
 * host time per eager operator (dispatch + autograd), which a CPU cannot overlap with its own compute;
@@ -13,7 +13,8 @@ count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
 * attention: causal scaled_dot_product_attention forward+backward in fp32 and bf16, expressed in the step
   model's convention (compute.flash_attention_s): an efficiency per dtype and a fixed cost per tile;
 * no compute/communication overlap (`comm_overlap = 0`): gloo runs collectives on the compute cores;
-* FSDP2 and tensor-parallel costs per unit beyond their collectives' bytes (calibrate_parallel.py);
+* FSDP2's cost per unit beyond its collectives' bytes, and how much slower tensor parallelism's all-reduces
+  run inside a step than between idle processes (calibrate_parallel.py);
 * collectives: gloo all-reduce and all-gather between 2 local processes (torch.multiprocessing spawn),
   fitted to t = alpha + S/beta -> intra_node_gb_s and latency; gpus_per_node = the processes this machine
   runs side by side.
@@ -46,30 +47,50 @@ def measure_matmul(quick: bool = False, dtype: str = "float32") -> dict:
 
     dt = getattr(torch, dtype)
     big = 512 if quick else 1024
+    # Square-ish shapes for the peak and the inner-size curve, then tall narrow-output ones: a TP-split q, k or v
+    # projection is [tokens x d]·[d x d/tp], whose few output columns cost CPU BLAS kernels a good part of their speed.
     shapes = [(big, big, big), (2 * big, big, big), (big, 4 * big, big), (big, big, 4 * big),
-              (big, big, 64), (big, big, 128), (big, big, 256), (4096, 256, 256)]
+              (big, big, 64), (big, big, 128), (big, big, 256), (4096, 256, 256),
+              (8 * big, 128, 256), (8 * big, 384, 256), (8 * big, 256, 128)]
     reps = 3 if quick else 7
+    operands = [(torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for m, n, k in shapes]
+    warm = torch.randn(big, big, dtype=dt)
+    for _ in range(3):  # the BLAS's first calls set up its threads and buffers: not part of any shape's rate
+        torch.mm(warm, warm)
+    for a, b in operands:
+        torch.mm(a, b)
+    # Round-robin over the shapes, rep by rep, so a slow minute of a shared machine slows every shape alike
+    # instead of bending the fitted curve; the median call of each shape is kept.
+    times: list[list[float]] = [[] for _ in shapes]
+    for _ in range(reps):
+        for (a, b), samples in zip(operands, times):
+            samples.append(_bench(lambda a=a, b=b: torch.mm(a, b), 1, warmup=0))
     out = []
-    for m, n, k in shapes:
-        a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
-        t = _bench(lambda a=a, b=b: torch.mm(a, b), reps)
+    for (m, n, k), samples in zip(shapes, times):
+        t = sorted(samples)[len(samples) // 2]
         out.append({"m": m, "n": n, "k": k, "s": t, "tflops": 2 * m * n * k / t / 1e12})
     a, b = torch.randn(8, 8, dtype=dt), torch.randn(8, 8, dtype=dt)
     tiny = _bench(lambda: torch.mm(a, b), 50)
-    # Fit the step model's GEMM curve rate(k) = peak·k/(k + k0) to every shape at once: 1/rate = 1/peak +
-    # (k0/peak)·(1/k) is a line in 1/k. Least squares over all shapes rather than the single fastest one,
-    # which on a shared machine is as much luck as hardware.
-    xs = [1.0 / r["k"] for r in out]
-    ys = [1.0 / r["tflops"] for r in out]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sum((x - mx) ** 2 for x in xs) or 1.0)
-    intercept = my - slope * mx
-    if intercept <= 0 or slope < 0:  # no usable trend: the median rate, no inner-size penalty
-        rates = sorted(r["tflops"] for r in out)
-        peak, k0 = rates[len(rates) // 2], 0.0
-    else:
-        peak, k0 = 1.0 / intercept, slope / intercept
-    return {"peak_tflops": peak, "k_overhead": max(0.0, k0), "kernel_overhead_us": tiny * 1e6, "shapes": out}
+    peak, k0, n0 = fit_gemm_curve(out)
+    return {"peak_tflops": peak, "k_overhead": k0, "n_overhead": n0, "kernel_overhead_us": tiny * 1e6, "shapes": out}
+
+
+def fit_gemm_curve(shapes: list[dict]) -> tuple[float, float, float]:
+    """(peak TFLOP/s, k0, n0) of the step model's GEMM curve rate = peak·k/(k + k0)·n/(n + n0), fitted to every
+    measured shape at once rather than to the single fastest one, which on a shared machine is as much luck as
+    hardware. To first order 1/rate = (1 + k0/k + n0/n)/peak, a plane in (1/k, 1/n): least squares. An overhead
+    the data make negative is dropped and the rest refitted; with no usable trend, the median rate and none."""
+    import numpy as np
+
+    inv_rate = np.array([1.0 / r["tflops"] for r in shapes])
+    columns = {"k": np.array([1.0 / r["k"] for r in shapes]), "n": np.array([1.0 / r["n"] for r in shapes])}
+    for used in (("k", "n"), ("k",), ("n",)):
+        design = np.column_stack([np.ones(len(shapes))] + [columns[c] for c in used])
+        coef = np.linalg.lstsq(design, inv_rate, rcond=None)[0]
+        if coef[0] > 0 and all(c >= 0 for c in coef[1:]):
+            overhead = dict(zip(used, (float(c / coef[0]) for c in coef[1:])))
+            return 1.0 / float(coef[0]), overhead.get("k", 0.0), overhead.get("n", 0.0)
+    return float(np.median([r["tflops"] for r in shapes])), 0.0, 0.0
 
 
 def measure_memory_bw(quick: bool = False) -> float:
@@ -241,7 +262,7 @@ def measure_collectives(quick: bool = False) -> dict:
     if "parallel" in res:
         from scalelm.calibrate_parallel import per_unit_overheads
 
-        out["fsdp_unit_us"], out["tp_pair_us"] = per_unit_overheads(
+        out["fsdp_unit_us"], out["tp_comm_slowdown"] = per_unit_overheads(
             res["parallel"], lambda size: a_ag + 0.5 * size / b_ag, lambda size: a_ar + size / b_ar)
     return out
 
@@ -308,6 +329,7 @@ notes = "tdp_w and price are placeholders; edit them for energy and cost estimat
 [efficiency]
 matmul = {result.get('matmul_step_efficiency', 1.0):.4f}
 {fast_line}matmul_k_overhead = {mm['k_overhead']:.1f}
+matmul_n_overhead = {mm.get('n_overhead', 0.0):.1f}
 memory_bw = 1.0
 attention = {result['attention']:.4f}
 attention_bf16 = {result.get('attention_bf16', result['attention']):.4f}
@@ -318,7 +340,7 @@ clock_derate = 1.0
 kernel_overhead_us = {mm['kernel_overhead_us']:.2f}
 host_op_us = {result.get('host_op_us', 0.0):.2f}
 fsdp_unit_us = {coll.get('fsdp_unit_us', 0.0):.1f}
-tp_pair_us = {coll.get('tp_pair_us', 0.0):.1f}
+tp_comm_slowdown = {coll.get('tp_comm_slowdown', 1.0):.3f}
 source = "measured by scalelm calibrate"
 
 [node]

@@ -1,11 +1,18 @@
 """What FSDP2 and tensor parallelism cost on this machine beyond the bytes of their collectives.
 
-`scalelm calibrate` runs this inside its two gloo worker processes. A small stack of MLP units (generic sizes,
-not any preset) runs forward and backward three ways per rank: plain, sharded with `fully_shard` per unit, and
-split with `ColwiseParallel`/`RowwiseParallel` per unit. The caller subtracts the plain compute and the transfer
-time its alpha-beta fit predicts for the collectives each variant issues; what is left, per unit, is the host
-work the step model cannot derive from bytes: FSDP's copy-in/copy-out and hooks, DTensor dispatch, and the wait
-for the slower rank at every synchronization point.
+`scalelm calibrate` runs this inside its two gloo worker processes. Stacks of MLP units (generic sizes, not any
+preset) run forward and backward per rank: plain, sharded with `fully_shard` per unit, and split with
+`ColwiseParallel`/`RowwiseParallel` per unit next to a plain stack of the split size. The caller subtracts the
+compute and the transfer time its alpha-beta fit predicts for the collectives each variant issues:
+
+- FSDP: what is left per unit is host work the step model cannot derive from bytes (copy-in/copy-out, hooks,
+  the wait for the slower rank), a fixed cost per unit (`fsdp_unit_us`).
+- TP: what is left grows with the message, not per call. Inside a training step the activation all-reduces take
+  2-4x what the same all-reduce takes between idle processes (measured on the development VM: fp32 and bf16 steps
+  of shakespeare-char at 8,192 tokens lost 0.64 and 0.29 s to TP against the same local-sized model run
+  side by side, where the isolated fit predicts 0.18 and 0.10 s): gloo's worker thread shares the core with the
+  compute thread, and the ranks reach each all-reduce at different times. So the TP stack runs at the message
+  size of a real CPU step (8 MiB) and the result is a factor on the all-reduce time (`tp_comm_slowdown`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import time
 
 D_MODEL, HIDDEN, TOKENS, UNITS = 256, 1024, 2048, 4
+TP_HIDDEN, TP_TOKENS = 512, 8192
+"""The TP stack: 8,192 tokens × 256 fp32 = 8 MiB all-reduces, as in a shakespeare-char step at batch 32."""
 
 
 def _units(hidden: int):
@@ -23,32 +32,34 @@ def _units(hidden: int):
 
 
 def measure_parallel_overheads(world: int, reps: int = 11) -> dict:
-    """Seconds per forward+backward of the unit stack: plain full-size (`plain`), FSDP (`fsdp`), plain with
-    the hidden size split over the ranks (`tp_local`) and tensor-parallel (`tp`), plus the message sizes."""
+    """Median seconds per forward+backward of the unit stacks: plain full-size (`plain`) and FSDP (`fsdp`) at
+    TOKENS; plain with the hidden size split over the ranks (`tp_local`) and tensor-parallel (`tp`) at TP_TOKENS;
+    the paired extra time of FSDP over plain and of TP over its local-sized stack; and the message sizes."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.manual_seed(0)
-    x = torch.randn(TOKENS, D_MODEL)
     mesh = init_device_mesh("cpu", (world,))
 
-    def step_of(model):
+    def step_of(model, tokens: int):
+        x = torch.randn(tokens, D_MODEL)
+
         def step():
             model(x).sum().backward()
             model.zero_grad(set_to_none=True)
 
         return step
 
-    sharded, split = _units(HIDDEN), _units(HIDDEN)
+    sharded, split = _units(HIDDEN), _units(TP_HIDDEN)
     for unit in sharded:
         fully_shard(unit, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     for unit in split:
         parallelize_module(unit, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    variants = {"plain": _units(HIDDEN), "fsdp": sharded, "tp_local": _units(HIDDEN // world), "tp": split}
-    steps = {name: step_of(model) for name, model in variants.items()}
+    steps = {"plain": step_of(_units(HIDDEN), TOKENS), "fsdp": step_of(sharded, TOKENS),
+             "tp_local": step_of(_units(TP_HIDDEN // world), TP_TOKENS), "tp": step_of(split, TP_TOKENS)}
     for step in steps.values():
         step()
     # Alternate the variants rep by rep, so a drift of the machine's speed hits all of them alike.
@@ -58,17 +69,24 @@ def measure_parallel_overheads(world: int, reps: int = 11) -> dict:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    plain, fsdp, tp_local, tp = (sorted(t)[len(t) // 2] for t in times.values())
-    return {"plain": plain, "fsdp": fsdp, "tp_local": tp_local, "tp": tp, "units": UNITS,
-            "unit_param_bytes": 2 * D_MODEL * HIDDEN * 4, "activation_bytes": TOKENS * D_MODEL * 4}
+    def median(values) -> float:
+        return sorted(values)[len(values) // 2]
+
+    # The extra time of a variant is the median of its differences to the plain stack timed right before it (pairs
+    # close in time), not the difference of two medians, which a slow minute on one side alone can double.
+    return {**{name: median(t) for name, t in times.items()},
+            "fsdp_extra": median([a - b for a, b in zip(times["fsdp"], times["plain"])]),
+            "tp_extra": median([a - b for a, b in zip(times["tp"], times["tp_local"])]), "units": UNITS,
+            "unit_param_bytes": 2 * D_MODEL * HIDDEN * 4, "activation_bytes": TP_TOKENS * D_MODEL * 4}
 
 
 def per_unit_overheads(m: dict, ag_s, ar_s) -> tuple[float, float]:
-    """(FSDP µs per unit and step, TP µs per column/row pair and step) beyond compute and transfer, given
-    functions giving all-gather and all-reduce seconds for a message size (the caller's alpha-beta fit).
-    Per unit FSDP gathers the parameters twice (forward, and again in backward) and reduce-scatters the
-    gradients (as much traffic as a gather); TP all-reduces the activations once in forward and once in backward."""
+    """(FSDP µs per unit and step beyond compute and transfer, TP all-reduce slowdown), given functions giving
+    all-gather and all-reduce seconds for a message size (the caller's alpha-beta fit). Per unit FSDP gathers the
+    parameters twice (forward, and again in backward) and reduce-scatters the gradients (as much traffic as a
+    gather); TP all-reduces the activations once in forward and once in backward, and the slowdown is what those
+    two took in the step over what the fit predicts (at least 1)."""
     fsdp_transfer = 3 * ag_s(m["unit_param_bytes"])
-    fsdp = (m["fsdp"] - m["plain"]) / m["units"] - fsdp_transfer
-    tp = (m["tp"] - m["tp_local"]) / m["units"] - 2 * ar_s(m["activation_bytes"])
-    return max(0.0, fsdp) * 1e6, max(0.0, tp) * 1e6
+    fsdp = m["fsdp_extra"] / m["units"] - fsdp_transfer
+    tp_comm = m["tp_extra"] / m["units"]
+    return max(0.0, fsdp) * 1e6, max(1.0, tp_comm / (2 * ar_s(m["activation_bytes"])))

@@ -50,8 +50,12 @@ def test_gemm_shapes_add_up_to_counting_forward_flops():
     per_token = sum(g.flops for g in layer_gemms(cfg, t, 1)) / t * cfg.n_layer + head_gemm(cfg, t, 1).flops / t
     per_token += attention_core_flops(cfg, 1, seq) / seq * cfg.n_layer
     assert per_token == pytest.approx(forward_flops_per_token(cfg, seq), rel=1e-12)
-    # TP splits every layer GEMM evenly.
+    # TP splits every layer GEMM evenly, and running q/k/v or gate/up as separate GEMMs moves no FLOP.
     assert sum(g.flops for g in layer_gemms(cfg, t, 2)) * 2 == sum(g.flops for g in layer_gemms(cfg, t, 1))
+    split = layer_gemms(cfg, t, 2, fused_qkv=False, fused_gate_up=False)
+    assert [g.name for g in split] == ["q", "k", "v", "attn_out", "mlp_gate", "mlp_up", "mlp_down"]
+    assert [g.n for g in split[:3]] == [128, 32, 32]  # 8 heads / 2 kv heads of 64, over 2 ranks
+    assert sum(g.flops for g in split) == sum(g.flops for g in layer_gemms(cfg, t, 2))
     assert Gemm("x", 2, 3, 4).flops == 48
 
 
@@ -235,12 +239,31 @@ def test_muon_adds_its_orthogonalization_to_the_optimizer_time():
 def test_parallel_overheads_are_what_compute_and_transfer_leave():
     from scalelm.calibrate_parallel import per_unit_overheads
 
-    m = {"plain": 0.100, "fsdp": 0.180, "tp_local": 0.060, "tp": 0.100, "units": 4,
-         "unit_param_bytes": 2_000_000, "activation_bytes": 1_000_000}
-    fsdp_us, tp_us = per_unit_overheads(m, lambda size: size / 1e9, lambda size: 2 * size / 1e9)
+    m = {"fsdp_extra": 0.080, "tp_extra": 0.040, "units": 4, "unit_param_bytes": 2_000_000, "activation_bytes": 1_000_000}
+    fsdp_us, tp_slowdown = per_unit_overheads(m, lambda size: size / 1e9, lambda size: 2 * size / 1e9)
     assert fsdp_us == pytest.approx((0.080 / 4 - 3 * 0.002) * 1e6)  # 2 gathers + 1 reduce-scatter per unit
-    assert tp_us == pytest.approx((0.040 / 4 - 2 * 0.002) * 1e6)  # 2 all-reduces per column/row pair
-    assert per_unit_overheads(dict(m, fsdp=0.1), lambda s: 1.0, lambda s: 1.0) == (0.0, 0.0)
+    assert tp_slowdown == pytest.approx((0.040 / 4) / (2 * 0.002))  # 2 all-reduces per column/row pair
+    # Nothing left over: no FSDP host cost, and TP's all-reduces never count as faster than between idle processes.
+    assert per_unit_overheads(dict(m, fsdp_extra=0.0, tp_extra=0.0), lambda s: 1.0, lambda s: 1.0) == (0.0, 1.0)
+
+
+def test_gemm_curve_fit_recovers_inner_and_output_overheads():
+    from scalelm.calibrate import fit_gemm_curve
+
+    def rate(n, k, peak=0.1, k0=40.0, n0=30.0):  # first-order form the fit assumes: 1/rate = (1 + k0/k + n0/n)/peak
+        return peak / (1 + k0 / k + n0 / n)
+
+    shapes = [{"m": 1024, "n": n, "k": k, "tflops": rate(n, k)} for n, k in
+              [(1024, 1024), (4096, 1024), (1024, 64), (1024, 128), (128, 256), (384, 256), (256, 128)]]
+    peak, k0, n0 = fit_gemm_curve(shapes)
+    assert (peak, k0, n0) == pytest.approx((0.1, 40.0, 30.0), rel=1e-9)
+    # Narrow outputs cost nothing here: that overhead is dropped (not fitted negative) and k0 refitted alone.
+    flat = [dict(r, tflops=rate(r["n"], r["k"], n0=0.0) * (1.02 if r["n"] < 1024 else 1.0)) for r in shapes]
+    peak, k0, n0 = fit_gemm_curve(flat)
+    assert n0 == 0.0 and k0 > 0
+    # No usable trend at all: the median rate.
+    assert fit_gemm_curve([{"m": 1, "n": 64, "k": 64, "tflops": 0.2}, {"m": 1, "n": 1024, "k": 1024, "tflops": 0.1},
+                           {"m": 1, "n": 128, "k": 128, "tflops": 0.15}]) == (0.15, 0.0, 0.0)
 
 
 def test_measured_fsdp_and_tp_host_costs_enter_the_step():
@@ -265,6 +288,9 @@ def test_measured_fsdp_and_tp_host_costs_enter_the_step():
     slow = predict_step(cfg, cpu(tp_pair_us=1000.0), tp, 64, 8)
     # 2 pairs in each of 2 layers, and one for the vocabulary-parallel embedding and head
     assert slow.step_time_s - base.step_time_s == pytest.approx((2 * 2 + 1) * 1e-3)
+    # The TP all-reduces (4 per layer, 2 for the embedding and head) scale with the measured slowdown.
+    slower = predict_step(cfg, cpu(tp_comm_slowdown=3.0), tp, 64, 8)
+    assert slower.time_s["tp_comm"] == pytest.approx(3 * base.time_s["tp_comm"], rel=1e-9)
 
 
 def test_tp_without_sp_replicates_norms_and_residual_adds():
@@ -273,3 +299,34 @@ def test_tp_without_sp_replicates_norms_and_residual_adds():
     cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
     assert replicated_elementwise_bytes_per_token(cfg, 2, fused_norm=True) == 10 * 256 * 2  # 2 norms (2h) + 2 adds (3h)
     assert replicated_elementwise_bytes_per_token(cfg, 4, fused_norm=False) == (2 * UNFUSED_RMSNORM_ELEMS + 6) * 256 * 4
+
+
+def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_measured():
+    from dataclasses import replace
+
+    from scalelm.perf.compute import gemm_time_s
+    from scalelm.perf.frameworks import PROFILES
+    from scalelm.perf.hardware import parse_hardware
+    from scalelm.perf.layout import Layout
+    from scalelm.perf.step import predict_step
+
+    def cpu(**eff):
+        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
+                                               "hbm_gib": 8, "hbm_tb_s": 1.0, "tdp_w": 65, "compute_units": 1},
+                               "efficiency": {"comm_overlap": 0.0, "matmul": 1.0, "matmul_k_overhead": 0.0,
+                                              "kernel_overhead_us": 0.0, **eff},
+                               "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+
+    narrow = cpu(matmul_n_overhead=40.0)
+    flops = 2 * 8192 * 128 * 256
+    assert gemm_time_s(8192, 128, 256, narrow, "fp32") == pytest.approx(flops / (0.1e12 * 128 / 168), rel=1e-12)
+    assert gemm_time_s(8192, 128, 256, cpu(), "fp32") == pytest.approx(flops / 0.1e12, rel=1e-12)
+    # scalelm splits q/k/v under TP (apply_tp): with a narrow-output penalty its TP step is slower than the same
+    # step with the fusion kept, and without the penalty the split costs nothing.
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
+    tp = Layout(tp=2, micro_batch=8, precision="fp32")
+    fused = replace(PROFILES["scalelm"], fused_qkv_under_tp=True)
+    assert (predict_step(cfg, narrow, tp, 64, 8, PROFILES["scalelm"]).step_time_s
+            > predict_step(cfg, narrow, tp, 64, 8, fused).step_time_s)
+    assert predict_step(cfg, cpu(), tp, 64, 8, PROFILES["scalelm"]).step_time_s == pytest.approx(
+        predict_step(cfg, cpu(), tp, 64, 8, fused).step_time_s, rel=1e-12)

@@ -3,11 +3,12 @@
 A GEMM is a roofline with a fixed cost (Williams et al. 2009 for the roofline; the fixed cost is the
 launch and pipeline ramp, as in Calculon's efficiency curves):
 
-    t = kernel_overhead + max(FLOPs / (peak · clock_derate · eff_mm · k/(k + k0)),  bytes / (HBM · eff_bw))
+    t = kernel_overhead + max(FLOPs / (peak · clock_derate · eff_mm · k/(k + k0) · n/(n + n0)),  bytes / (HBM · eff_bw))
 
 `eff_mm` is the large-GEMM efficiency of the device (hardware file), `k/(k+k0)` the share of a tile's
 time spent in the main loop for inner size k (epilogue and prologue cost ~k0 iterations; small inner
-dimensions such as attention's head_dim or a TP-split row-parallel input lose most), and the
+dimensions such as attention's head_dim or a TP-split row-parallel input lose most), `n/(n+n0)` the
+same for narrow outputs (a TP-split q, k or v projection; measured on CPUs, 0 on GPUs), and the
 memory term covers skinny GEMMs. Wave quantization is modelled too: output tiles of 128x128 are
 scheduled in waves over the device's compute units, and the last, partial wave runs at its fill.
 """
@@ -37,7 +38,7 @@ def gemm_time_s(m: int, n: int, k: int, hw: Hardware, dtype: str = "bf16") -> fl
     eff = hw.efficiency
     peak = hw.accelerator.peak_flops(dtype) * eff.clock_derate
     e = eff.matmul * (FP8_MATMUL_EFFICIENCY if dtype == "fp8" else 1.0)
-    e *= k / (k + eff.matmul_k_overhead)
+    e *= k / (k + eff.matmul_k_overhead) * n / (n + eff.matmul_n_overhead)
     e *= _wave_efficiency(m, n, hw.accelerator.compute_units)
     flops = 2.0 * m * n * k
     elt = 1 if dtype == "fp8" else (4 if dtype == "fp32" else 2)

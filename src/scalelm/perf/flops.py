@@ -50,16 +50,24 @@ class Gemm:
         return 2.0 * self.m * self.n * self.k
 
 
-def layer_gemms(cfg: ModelConfig, tokens: int, tp: int) -> list[Gemm]:
-    """The forward GEMMs of one block on one TP rank (Megatron column/row split), `tokens` rows."""
+def layer_gemms(cfg: ModelConfig, tokens: int, tp: int, fused_qkv: bool = True, fused_gate_up: bool = True) -> list[Gemm]:
+    """The forward GEMMs of one block on one TP rank (Megatron column/row split), `tokens` rows.
+
+    The FLOPs are the same either way, but a framework that runs q, k and v (or SwiGLU's gate and up) as separate
+    matmuls gets narrower outputs and, in the backward, smaller inner sizes, which run slower (compute.gemm_time_s)."""
     h, hd, nh, kv, f = cfg.d_model, cfg.dim_head, cfg.n_head, cfg.kv_heads, cfg.ffn_hidden
-    up = 2 * f if cfg.mlp == "swiglu" else f
-    return [
-        Gemm("qkv", tokens, (nh * hd + 2 * kv * hd) // tp, h),
-        Gemm("attn_out", tokens, h, nh * hd // tp),
-        Gemm("mlp_up", tokens, up // tp, h),
-        Gemm("mlp_down", tokens, h, f // tp),
-    ]
+    if fused_qkv:
+        attn_in = [Gemm("qkv", tokens, (nh * hd + 2 * kv * hd) // tp, h)]
+    else:
+        attn_in = [Gemm("q", tokens, nh * hd // tp, h), Gemm("k", tokens, kv * hd // tp, h),
+                   Gemm("v", tokens, kv * hd // tp, h)]
+    if cfg.mlp != "swiglu":
+        mlp_in = [Gemm("mlp_up", tokens, f // tp, h)]
+    elif fused_gate_up:
+        mlp_in = [Gemm("mlp_up", tokens, 2 * f // tp, h)]
+    else:
+        mlp_in = [Gemm("mlp_gate", tokens, f // tp, h), Gemm("mlp_up", tokens, f // tp, h)]
+    return [*attn_in, Gemm("attn_out", tokens, h, nh * hd // tp), *mlp_in, Gemm("mlp_down", tokens, h, f // tp)]
 
 
 def block_matrices(cfg: ModelConfig) -> list[tuple[int, int]]:

@@ -18,6 +18,12 @@ class Framework:
     name: str
     flash_attention: bool = True
     """Fused attention (FlashAttention / cuDNN SDPA): no T×T scores in memory, causal blocks skipped."""
+    fused_qkv: bool = True
+    """q, k and v projections as one GEMM (Megatron's linear_qkv, MPT's Wqkv) rather than three (torchtitan)."""
+    fused_qkv_under_tp: bool = True
+    """The fusion is kept under tensor parallelism (scalelm turns it off there: apply_tp splits each by heads)."""
+    fused_gate_up: bool = True
+    """SwiGLU's gate and up projections as one GEMM (Megatron's linear_fc1) rather than two (torchtitan, scalelm)."""
     elementwise_factor: float = 1.0
     """Share of the unfused elementwise bytes (flops.elementwise_bytes_per_token) that still move:
     1.0 eager PyTorch; lower with fused kernels or a compiler."""
@@ -110,6 +116,7 @@ PROFILES: dict[str, Framework] = {
     # it does not reshard after forward and syncs gradients once per step. torch.compile fuses most
     # elementwise traffic; AsyncTP overlaps TP collectives with GEMMs (torchtitan docs, 2024-12).
     "torchtitan": Framework("torchtitan", elementwise_factor=1.0, selective_kind="op", fused_norm=False,
+                            fused_qkv=False, fused_gate_up=False,
                             reshard_after_forward=True,
                             defaults=dict(_FSDP_DEFAULTS, recompute="selective", sequence_parallel="tp>1")),
     # JAX/XLA (PaLM, T5X, MaxText): the compiler fuses elementwise work into neighbours.
@@ -117,8 +124,10 @@ PROFILES: dict[str, Framework] = {
                      loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.9,
                      defaults=dict(_FSDP_DEFAULTS, zero=3, recompute="full")),
     # scalelm's own trainer: plain PyTorch, SDPA, FSDP2/DDP. Its CPU runs use the `local` calibration.
-    # FSDP2 without a MixedPrecisionPolicy: fp32 parameters gathered and fp32 gradients reduced.
+    # FSDP2 without a MixedPrecisionPolicy: fp32 parameters gathered and fp32 gradients reduced. q/k/v run as one
+    # matmul except under tensor parallelism; w1 and w3 always as two (scalelm.model.gpt).
     "scalelm": Framework("scalelm", elementwise_factor=1.0, fused_norm=False, fp32_stream=True,
+                         fused_qkv_under_tp=False, fused_gate_up=False,
                          grad_comm_bytes=4, param_gather_bytes=4, defaults=_FSDP_DEFAULTS),
 }
 

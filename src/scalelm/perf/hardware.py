@@ -65,6 +65,11 @@ class Efficiency:
     matmul_k_overhead: float = 128.0
     """Tile prologue/epilogue cost in units of the inner dimension: a GEMM with inner size k runs at
     k / (k + this) of `matmul` (fixed per-tile cost amortized over the main loop)."""
+    matmul_n_overhead: float = 0.0
+    """The same for the output width n: n / (n + this). CPU BLAS kernels lose much of their speed on narrow
+    outputs (on the development VM, one MKL thread ran [8192 x 256]·[256 x 128] at 69 GFLOP/s and the
+    same with 384 columns at 89), which the 128-wide tiles of `_wave_efficiency` do not describe; measured by
+    `scalelm calibrate`, 0 for GPUs, whose narrow-output loss the wave model covers."""
     memory_bw: float = 0.8
     """Share of HBM bandwidth reached by elementwise/normalization kernels."""
     attention: float = 0.6
@@ -90,7 +95,11 @@ class Efficiency:
     hooks, waiting for the slower rank. 0 on accelerators, where it runs ahead of the device."""
     tp_pair_us: float = 0.0
     """The same per tensor-parallel column/row pair (an attention or MLP sub-layer) and micro-batch: DTensor
-    dispatch and the wait at its all-reduces."""
+    dispatch and the wait at its all-reduces (a fixed cost; `scalelm calibrate` measures the slowdown below)."""
+    tp_comm_slowdown: float = 1.0
+    """Tensor-parallel all-reduces inside a step take this many times the isolated all-reduce time. 1 on GPUs (NCCL
+    on its own SMs); on a CPU, gloo's thread shares the cores with compute and the ranks arrive unevenly, 2-4x
+    measured by `scalelm calibrate` (calibrate_parallel.py)."""
     host_op_us: float = 0.0
     """Host time per eager operator (dispatch + autograd) that the device cannot hide. 0 on accelerators: the
     host enqueues kernels asynchronously and runs ahead of them. On a CPU the host *is* the device, so every

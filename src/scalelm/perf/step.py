@@ -87,7 +87,8 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     act = _act_bytes(dtype)
     gemm_dtype = "fp8" if dtype == "fp8" else ("fp32" if dtype == "fp32" else "bf16")
     f_g = b_g = cast_f = cast_b = 0.0
-    for g in layer_gemms(cfg, tokens, tp):
+    fused_qkv = fw.fused_qkv and (tp == 1 or fw.fused_qkv_under_tp)
+    for g in layer_gemms(cfg, tokens, tp, fused_qkv, fw.fused_gate_up):
         f, b = compute.gemm_fwd_bwd_s(g, hw, gemm_dtype)
         f_g, b_g = f_g + f, b_g + b
         if dtype == "fp8":
@@ -132,7 +133,7 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     # activations per layer in the forward, 2 in the backward, 2 more in a full-recompute forward.
     tp_msg = tokens * cfg.d_model * act
     rpn = min(tp, hw.node.gpus_per_node)
-    tp_ar = comm.all_reduce_s(tp_msg, tp, hw, rpn) if tp > 1 else 0.0
+    tp_ar = comm.all_reduce_s(tp_msg, tp, hw, rpn) * hw.efficiency.tp_comm_slowdown if tp > 1 else 0.0
     n_ar = 4 + (2 if lo.recompute == "full" else 0)
     tp_total = n_ar * tp_ar
     if tp > 1:  # host work of the two column/row pairs per layer (forward and backward), see Efficiency

@@ -16,7 +16,10 @@
    step from the same config and layout, at the precision the trainer resolved (read from its log).
 
 A layout the trainer cannot run yet (it rejects `--nproc` or a `--parallel.*` key) prints
-"n/a (trainer lacks it)". The machine is shared: timings are noisy, so the table prints the load average.
+"n/a (trainer lacks it)". The machine is shared: timings are noisy, so the table prints the load average, and
+"speed vs cal": the machine's speed around each run (scalelm.calibrate.speed_probe_gflops with the run's threads
+per process, before and after the run, averaged) against the same probe in the calibration file. A row whose
+error follows that column says the machine drifted, not that the model did.
 """
 
 from __future__ import annotations
@@ -61,6 +64,25 @@ def _env() -> dict:
 def calibration_threads(path: Path) -> int | None:
     with open(path, "rb") as f:
         return tomllib.load(f).get("calibration", {}).get("threads")
+
+
+def calibration_probe(path: Path) -> float | None:
+    with open(path, "rb") as f:
+        return tomllib.load(f).get("calibration", {}).get("probe_gflops") or None
+
+
+def probe(threads: int) -> float:
+    """The calibration's speed probe with `threads` threads, in this process."""
+    import torch
+
+    from scalelm.calibrate import speed_probe_gflops
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return speed_probe_gflops()
+    finally:
+        torch.set_num_threads(before)
 
 
 def ensure_hardware(path: Path | None, threads: int | None, workdir: Path) -> Path:
@@ -150,9 +172,12 @@ def _check(args, runs, layouts, default_threads: int, workdir: Path) -> int:
     for preset, extra in runs:
         for layout in layouts:
             name = f"{preset} {' '.join(extra)}".strip()
+            probe_threads = 1 if LAYOUTS[layout][0] > 1 else default_threads
+            speed = probe(probe_threads)
             m = train(preset, extra, layout, args.steps, workdir)
+            speed = (speed + probe(probe_threads)) / 2
             if "na" in m:
-                rows.append([name, layout, "-", "-", "-", m["na"]])
+                rows.append([name, layout, "-", "-", "-", m["na"], "-"])
                 print(f"  {name} [{layout}]: {m['na']}", flush=True)
                 continue
             hw_path = hw1
@@ -163,11 +188,15 @@ def _check(args, runs, layouts, default_threads: int, workdir: Path) -> int:
             pred = predict(preset, extra, layout, dtype, hw_path)
             err = 100 * (pred - m["step_s"]) / m["step_s"]
             errors.append(abs(err))
-            rows.append([name, layout, f"{m['threads'] or '?'}", f"{pred:.4f}", f"{m['step_s']:.4f}", f"{err:+.1f}"])
+            at_cal = calibration_probe(hw_path)
+            drift = f"{100 * (speed / at_cal - 1):+.1f}" if at_cal else "-"
+            rows.append([name, layout, f"{m['threads'] or '?'}", f"{pred:.4f}", f"{m['step_s']:.4f}", f"{err:+.1f}",
+                         drift])
             print(f"  {name} [{layout}, {dtype}, {m['optimizer']}]: predicted {pred:.4f} s, measured {m['step_s']:.4f} s", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (timings on a shared machine "
           "are noisy)\n")
-    print(table(["run", "layout", "threads/proc", "predicted step_s", "measured step_s", "error %"], rows))
+    print(table(["run", "layout", "threads/proc", "predicted step_s", "measured step_s", "error %", "speed vs cal %"],
+                rows))
     if errors:
         errors.sort()
         print(f"\nwithin 15%: {sum(e <= 15 for e in errors)}/{len(errors)}; median |error| "

@@ -42,6 +42,16 @@ def _bench(fn, reps: int, warmup: int = 1) -> float:
     return times[len(times) // 2]
 
 
+def speed_probe_gflops(reps: int = 9) -> float:
+    """fp32 GFLOP/s of a 1024³ matmul (median call) with the current thread count: a one-second measure of how
+    fast this machine runs right now. The file records it; bench/calibrate_check.py measures it again before and
+    after each run, so a shared machine's drift between calibration and run is visible next to the error."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / _bench(lambda: torch.mm(a, b), reps, warmup=2) / 1e9
+
+
 def measure_matmul(quick: bool = False, dtype: str = "float32") -> dict:
     import torch
 
@@ -273,6 +283,7 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
     from scalelm.train.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()  # measure under the trainer's allocator setting (train.keep_host_memory)
+    probe_before = speed_probe_gflops()
     mm = measure_matmul(quick)
     try:
         bf16 = measure_matmul(quick, "bfloat16")["peak_tflops"]
@@ -297,7 +308,7 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
     return {"matmul": mm, "bf16_tflops": bf16, "memory_tb_s": bw, "attention": attn, "attention_bf16": attn_bf16, "attention_tile_us": tile_us, "attention_tile_us_bf16": tile_us_bf16,
             "matmul_step_efficiency": step_eff, "matmul_fp32_fast": fast, "host_op_us": host_op_us,
             "collectives": coll,
-            "ram_gib": ram_gib, "threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1,
+            "ram_gib": ram_gib, "probe_gflops": (probe_before + speed_probe_gflops()) / 2, "threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1,
             "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
             "torch": torch.__version__}
 
@@ -356,6 +367,7 @@ inter_node = "ethernet-10g"
 # How this file was measured; predictions are valid for runs with the same threads per process.
 threads = {result['threads']}
 cpus = {result['cpus']}
+probe_gflops = {result.get('probe_gflops', 0.0):.1f}  # speed_probe_gflops(), mean of the start and the end
 torch = "{result['torch']}"
 """
     path.write_text(text)

@@ -31,7 +31,7 @@ def _units(hidden: int):
                                          nn.Linear(hidden, D_MODEL, bias=False)) for _ in range(UNITS)])
 
 
-def measure_parallel_overheads(world: int, reps: int = 11) -> dict:
+def measure_parallel_overheads(world: int, reps: int = 21) -> dict:
     """Median seconds per forward+backward of the unit stacks: plain full-size (`plain`) and FSDP (`fsdp`) at
     TOKENS; plain with the hidden size split over the ranks (`tp_local`) and tensor-parallel (`tp`) at TP_TOKENS;
     the paired extra time of FSDP over plain and of TP over its local-sized stack; and the message sizes."""

@@ -69,7 +69,9 @@ class Efficiency:
     """The same for the output width n: n / (n + this). CPU BLAS kernels lose much of their speed on narrow
     outputs (on the development VM, one MKL thread ran [8192 x 256]·[256 x 128] at 69 GFLOP/s and the
     same with 384 columns at 89), which the 128-wide tiles of `_wave_efficiency` do not describe; measured by
-    `scalelm calibrate`, 0 for GPUs, whose narrow-output loss the wave model covers."""
+    `scalelm calibrate`, 0 for GPUs, whose narrow-output loss the wave model covers. Like k0 it is fitted on fp32
+    GEMMs and applied to every dtype (the same VM's bf16 oneDNN GEMMs kept 191-211 GFLOP/s over those shapes, so
+    bf16 layouts under TP are predicted a little slow on that account)."""
     memory_bw: float = 0.8
     """Share of HBM bandwidth reached by elementwise/normalization kernels."""
     attention: float = 0.6

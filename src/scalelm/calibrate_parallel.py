@@ -32,9 +32,8 @@ def _units(hidden: int):
 
 
 def measure_parallel_overheads(world: int, reps: int = 21) -> dict:
-    """Median seconds per forward+backward of the unit stacks: plain full-size (`plain`) and FSDP (`fsdp`) at
-    TOKENS; plain with the hidden size split over the ranks (`tp_local`) and tensor-parallel (`tp`) at TP_TOKENS;
-    the paired extra time of FSDP over plain and of TP over its local-sized stack; and the message sizes."""
+    """Extra seconds per forward+backward of FSDP over the plain stack (`fsdp_extra`, at TOKENS) and of TP over a
+    plain stack with the hidden size split over the ranks (`tp_extra`, at TP_TOKENS), and the message sizes."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -69,14 +68,14 @@ def measure_parallel_overheads(world: int, reps: int = 21) -> dict:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    def median(values) -> float:
-        return sorted(values)[len(values) // 2]
 
-    # The extra time of a variant is the median of its differences to the plain stack timed right before it (pairs
-    # close in time), not the difference of two medians, which a slow minute on one side alone can double.
-    return {**{name: median(t) for name, t in times.items()},
-            "fsdp_extra": median([a - b for a, b in zip(times["fsdp"], times["plain"])]),
-            "tp_extra": median([a - b for a, b in zip(times["tp"], times["tp_local"])]), "units": UNITS,
+    def extra(variant: str, base: str) -> float:
+        """Median of the variant's differences to the base stack timed right before it (pairs close in time), not
+        the difference of two medians, which a slow minute on one side alone can double."""
+        diffs = sorted(a - b for a, b in zip(times[variant], times[base]))
+        return diffs[len(diffs) // 2]
+
+    return {"fsdp_extra": extra("fsdp", "plain"), "tp_extra": extra("tp", "tp_local"), "units": UNITS,
             "unit_param_bytes": 2 * D_MODEL * HIDDEN * 4, "activation_bytes": TP_TOKENS * D_MODEL * 4}
 
 

@@ -236,6 +236,32 @@ def test_muon_adds_its_orthogonalization_to_the_optimizer_time():
         check_layout(cfg, Layout(dp=2, zero=3, micro_batch=4, optimizer="muon"), 2, 8, 64)
 
 
+def test_muon_orthogonalizes_in_the_faster_dtype():
+    """As the trainer (train/muon.py): bf16, or fp32 where the fp32 peak is the higher (some CPUs)."""
+    from scalelm.perf.compute import gemm_time_s
+    from scalelm.perf.flops import newton_schulz_gemms
+    from scalelm.perf.hardware import parse_hardware
+    from scalelm.perf.layout import Layout
+    from scalelm.perf.step import predict_step
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
+
+    def cpu(fp32, bf16):
+        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": fp32, "bf16": bf16},
+                                               "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
+                               "efficiency": {"kernel_overhead_us": 0.0, "host_op_us": 0.0},
+                               "node": {"inter_node": "ethernet-10g"}})
+
+    def ns_seconds(hw):
+        lo = Layout(micro_batch=8, optimizer="muon", precision="fp32")
+        return (predict_step(cfg, hw, lo, 64, 8).time_s["optimizer"]
+                - predict_step(cfg, hw, Layout(micro_batch=8, precision="fp32"), 64, 8).time_s["optimizer"])
+
+    for hw, dtype in ((cpu(0.25, 0.13), "fp32"), (cpu(0.19, 0.44), "bf16")):
+        expected = sum(gemm_time_s(g.m, g.n, g.k, hw, dtype) for g in newton_schulz_gemms(cfg)) * cfg.n_layer
+        assert ns_seconds(hw) == pytest.approx(expected, rel=1e-9)
+
+
 def test_parallel_overheads_are_what_compute_and_transfer_leave():
     from scalelm.calibrate_parallel import per_unit_overheads
 
@@ -320,6 +346,11 @@ def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_m
     narrow = cpu(matmul_n_overhead=40.0)
     flops = 2 * 8192 * 128 * 256
     assert gemm_time_s(8192, 128, 256, narrow, "fp32") == pytest.approx(flops / (0.1e12 * 128 / 168), rel=1e-12)
+    # bf16 takes its own curve where the calibration measured one, else the fp32 one
+    assert gemm_time_s(8192, 128, 256, narrow, "bf16") == pytest.approx(flops / (0.2e12 * 128 / 168), rel=1e-12)
+    own = cpu(matmul_n_overhead=40.0, matmul_k_overhead=50.0, matmul_k_overhead_bf16=16.0, matmul_n_overhead_bf16=0.0)
+    assert gemm_time_s(8192, 128, 256, own, "bf16") == pytest.approx(flops / (0.2e12 * 256 / 272), rel=1e-12)
+    assert gemm_time_s(8192, 128, 256, own, "fp32") == pytest.approx(flops / (0.1e12 * 256 / 306 * 128 / 168), rel=1e-12)
     assert gemm_time_s(8192, 128, 256, cpu(), "fp32") == pytest.approx(flops / 0.1e12, rel=1e-12)
     # scalelm splits q/k/v under TP (apply_tp): with a narrow-output penalty its TP step is slower than the same
     # step with the fusion kept, and without the penalty the split costs nothing.

@@ -37,7 +37,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     shutil.rmtree(final)  # as if the run had stopped after the step-6 checkpoint
     train(tmp_path / "resumed", *args)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # exact, dropout RNG included
-    timing = ("measured_step_time_s", "step_time_drift_pct")  # wall-clock: differs between any two runs
+    timing = ("measured_step_time_s", "step_time_drift_pct", "train_wall_s")  # wall-clock: differs between runs
     ends = [{k: v for k, v in metrics(run)[-1].items() if k not in timing} for run in (tmp_path / "resumed", tmp_path / "full")]
     assert ends[0] == ends[1] and ends[0]["event"] == "end"
 
@@ -101,3 +101,65 @@ def test_one_process_applies_activation_checkpointing(tmp_path, caplog):
     train(tmp_path / "ac", "--train.steps", "2", "--train.log_every", "1", "--parallel.activation_checkpoint", "full")
     assert "applied full activation checkpointing to blocks 0, 1, 2, 3" in caplog.text
     assert losses(tmp_path / "ac") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+
+
+@pytest.mark.parametrize(("bf16_gflops", "fp32_gflops", "chosen"), [(440.0, 190.0, "bf16"), (130.0, 260.0, "fp32")])
+def test_auto_precision_on_cpu_takes_the_faster_measured_matmul(monkeypatch, bf16_gflops, fp32_gflops, chosen):
+    import scalelm.train.trainer as trainer
+
+    rates = {"bf16": bf16_gflops * 1e9, "fp32": fp32_gflops * 1e9}
+    monkeypatch.setattr(trainer, "_has_cpu_bf16", lambda: True)
+    monkeypatch.setattr(trainer, "cpu_peak_flops", lambda dtype: rates[dtype])
+    assert trainer.resolve_precision("auto", torch.device("cpu")).name == chosen
+    monkeypatch.setattr(trainer, "_has_cpu_bf16", lambda: False)
+    assert trainer.resolve_precision("auto", torch.device("cpu")).name == "fp32"
+
+
+def test_config_records_the_precision_auto_chose(tmp_path, monkeypatch):
+    import scalelm.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "_has_cpu_bf16", lambda: True)
+    monkeypatch.setattr(trainer, "cpu_peak_flops", lambda dtype: {"bf16": 2.0, "fp32": 1.0}[dtype])
+    assert train(tmp_path, "--train.dtype", "auto", "--train.steps", "1") == 0
+    assert 'dtype = "bf16"' in (tmp_path / "config.toml").read_text()
+
+
+def test_time_budget_counts_steps_evaluations_and_margin():
+    from scalelm.train import budget
+
+    assert budget.evaluations_in(12, 225, 100) == 3  # steps 100 and 200, and the end
+    assert budget.evaluations_in(12, 200, 100) == 2  # step 200 is the end: one evaluation, not two
+    assert budget.evaluations_in(12, 50, 0) == 1
+    # 100.5 s left after the margin, 10 steps done, 1 s per step, a 20 s evaluation every 20 steps: 50 steps
+    # (40 more + evaluations at 20, 40 and the end = 100 s) fit; 51 (41 + 60) would not
+    assert budget.steps_within(100.5 / (1 - budget.MARGIN), 0.0, 10, 1.0, 20.0, 20, 1000) == 50
+    assert budget.steps_within(1e9, 0.0, 10, 1.0, 1.0, 0, 225) == 225  # train.steps stays the limit
+    assert budget.steps_within(1.0, 5.0, 12, 1.0, 1.0, 0, 225) == 12  # over budget already: stop now
+    # eval cost: forward share of the validation tokens plus the sample's growing context, in step-time units
+    assert budget.eval_seconds(2.0, 1000, 500, 3, 2) == pytest.approx(budget.FORWARD_SHARE * (500 + 1 + 2 + 2) * 2.0 / 1000)
+
+
+def test_time_budget_stops_a_run_that_is_out_of_time(tmp_path):
+    from scalelm.train.budget import PROBE_STEPS
+
+    args = ("--train.steps", "40", "--train.eval_every", "0", "--train.time_budget_min", "0.0001")
+    assert train(tmp_path, *args) == 0
+    records = metrics(tmp_path)
+    fixed = [r for r in records if r.get("event") == "time_budget"]
+    assert [(r["step"], r["steps"]) for r in fixed] == [(PROBE_STEPS, PROBE_STEPS)]  # no time left: stop now
+    assert records[-1]["event"] == "end" and records[-1]["step"] == PROBE_STEPS
+
+
+def test_time_budget_length_is_kept_on_resume(tmp_path, monkeypatch):
+    from scalelm.train import budget
+
+    monkeypatch.setattr(budget, "steps_within", lambda *args: 20)  # the timing-free stand-in for a fit length
+    args = ("--train.steps", "40", "--train.log_every", "1", "--checkpoint.every", "6", "--train.eval_every", "0",
+            "--train.time_budget_min", "5")
+    assert train(tmp_path / "full", *args) == 0
+    assert metrics(tmp_path / "full")[-1]["step"] == 20
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(checkpoint_dirs(tmp_path / "resumed")[-1])  # stopped after the step-18 checkpoint
+    monkeypatch.setattr(budget, "steps_within", lambda *args: 40)  # a resumed run does not plan again
+    assert train(tmp_path / "resumed", *args) == 0
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # same length, so the same LR schedule

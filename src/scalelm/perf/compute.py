@@ -38,7 +38,11 @@ def gemm_time_s(m: int, n: int, k: int, hw: Hardware, dtype: str = "bf16") -> fl
     eff = hw.efficiency
     peak = hw.accelerator.peak_flops(dtype) * eff.clock_derate
     e = eff.matmul * (FP8_MATMUL_EFFICIENCY if dtype == "fp8" else 1.0)
-    e *= k / (k + eff.matmul_k_overhead) * n / (n + eff.matmul_n_overhead)
+    k0, n0 = eff.matmul_k_overhead, eff.matmul_n_overhead
+    if dtype in ("bf16", "fp16"):
+        k0 = k0 if eff.matmul_k_overhead_bf16 is None else eff.matmul_k_overhead_bf16
+        n0 = n0 if eff.matmul_n_overhead_bf16 is None else eff.matmul_n_overhead_bf16
+    e *= k / (k + k0) * n / (n + n0)
     e *= _wave_efficiency(m, n, hw.accelerator.compute_units)
     flops = 2.0 * m * n * k
     elt = 1 if dtype == "fp8" else (4 if dtype == "fp32" else 2)

@@ -69,16 +69,20 @@ class Efficiency:
     """The same for the output width n: n / (n + this). CPU BLAS kernels lose much of their speed on narrow
     outputs (on the development VM, one MKL thread ran [8192 x 256]·[256 x 128] at 69 GFLOP/s and the
     same with 384 columns at 89), which the 128-wide tiles of `_wave_efficiency` do not describe; measured by
-    `scalelm calibrate`, 0 for GPUs, whose narrow-output loss the wave model covers. Like k0 it is fitted on fp32
-    GEMMs and applied to every dtype (the same VM's bf16 oneDNN GEMMs kept 191-211 GFLOP/s over those shapes, so
-    bf16 layouts under TP are predicted a little slow on that account)."""
+    `scalelm calibrate`, 0 for GPUs, whose narrow-output loss the wave model covers."""
+    matmul_k_overhead_bf16: float | None = None
+    matmul_n_overhead_bf16: float | None = None
+    """k0 and n0 of 16-bit GEMMs where they differ (None: the fp32 ones). On CPUs bf16 runs on other kernels
+    with another curve: on an Intel VM bf16 lost k0 ~ 16-25 against fp32's 40-55, on an AMD VM bf16 oneDNN kept
+    its speed on narrow outputs where fp32 BLAS did not; `scalelm calibrate` fits each dtype's own."""
     memory_bw: float = 0.8
     """Share of HBM bandwidth reached by elementwise/normalization kernels."""
     attention: float = 0.6
     """Fused (flash) attention fwd+bwd efficiency for head_dim -> infinity; head_dim d gets d/(d+32) of it."""
     attention_bf16: float | None = None
-    """The same for 16-bit inputs, where it differs from `attention` (measured on CPUs, whose bf16 attention
-    kernels reach a much smaller share of the bf16 matmul peak than fp32 ones of the fp32 peak)."""
+    """The same for 16-bit inputs, where it differs from `attention` (measured on CPUs). A share of the bf16 matmul
+    peak, so it may exceed 1 on a CPU whose flash kernel computes bf16 attention in fp32 at a higher rate than
+    its bf16 GEMMs reach (an Intel VM: bf16 matmuls at half the fp32 rate)."""
     clock_derate: float = 1.0
     """Sustained clock under the configured power cap relative to the vendor peak."""
     kernel_overhead_us: float = 4.0

@@ -68,6 +68,10 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, status=status)
 
+    def set_total(self, total_steps: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=total_steps)
+
     def print(self, text: str) -> None:
         if not self.enabled:
             return

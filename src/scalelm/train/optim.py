@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from scalelm.config import OptimConfig
+from scalelm.train.muon import Muon
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:
@@ -19,13 +20,14 @@ def _decays(name: str, param: torch.Tensor) -> bool:
     return param.dim() >= 2
 
 
-def build_optimizers(model: nn.Module | list[nn.Module], cfg: OptimConfig, zero1_mesh=None
-                     ) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module | list[nn.Module], cfg: OptimConfig, zero1_mesh=None,
+                     muon_ns_dtype: str = "bf16") -> list[torch.optim.Optimizer]:
     """AdamW over all parameters, or Muon on the hidden (block) matrices + AdamW on the rest.
 
     `model` may be a list of model parts (pipeline stages on this rank): one optimizer spans them all. With
     `zero1_mesh` (ZeRO-1) each optimizer is a ZeroRedundancyOptimizer sharding its states over that mesh.
-    Returned as a list so the trainer steps, zeroes and checkpoints them uniformly.
+    Returned as a list so the trainer steps, zeroes and checkpoints them uniformly. `muon_ns_dtype`: the
+    precision of Muon's orthogonalization (train/muon.py).
     """
     from scalelm.parallel.checkpoint import canonical_name
 
@@ -49,8 +51,8 @@ def build_optimizers(model: nn.Module | list[nn.Module], cfg: OptimConfig, zero1
 
         optimizers = [zero1_optimizer(torch.optim.AdamW, groups, zero1_mesh, foreach=True, **adam_kwargs)]
         if muon_params:
-            optimizers.append(zero1_optimizer(torch.optim.Muon, muon_groups, zero1_mesh, lr=cfg.muon_lr,
-                                              weight_decay=cfg.weight_decay))
+            optimizers.append(zero1_optimizer(Muon, muon_groups, zero1_mesh, lr=cfg.muon_lr,
+                                              weight_decay=cfg.weight_decay, ns_dtype=muon_ns_dtype))
         return optimizers
     # fused AdamW runs one kernel over all tensors (CPU and CUDA); it needs plain (non-DTensor) params on
     # one device type, which the parallel path may not have — foreach is the fallback.
@@ -63,7 +65,7 @@ def build_optimizers(model: nn.Module | list[nn.Module], cfg: OptimConfig, zero1
         adamw = torch.optim.AdamW(groups, foreach=True, **adam_kwargs)
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if muon_params:
-        optimizers.append(torch.optim.Muon(muon_groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+        optimizers.append(Muon(muon_groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_dtype=muon_ns_dtype))
     return optimizers
 
 

@@ -25,7 +25,7 @@ from scalelm.train.host_memory import keep_freed_host_memory
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
 from scalelm.train.peak import fastest_cpu_matmul, peak_flops
-from scalelm.train.trainer import Trainer, resolve_precision, token_loss
+from scalelm.train.trainer import Trainer, cpu_bf16_is_faster, resolve_precision, token_loss
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -92,16 +92,33 @@ def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str, world_
     return choice
 
 
+def _muon_ns_dtype(device: torch.device, world_size: int) -> str:
+    """Muon orthogonalizes in bf16 (torch's choice) unless this CPU runs fp32 matmuls faster (train/muon.py).
+    All ranks use rank 0's choice: data-parallel replicas must apply identical updates."""
+    choice = "bf16" if device.type != "cpu" or cpu_bf16_is_faster() else "fp32"
+    if world_size > 1:
+        chosen = [choice]
+        dist.broadcast_object_list(chosen, src=0)
+        choice = chosen[0]
+    return choice
+
+
 def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
     try:
         precision = resolve_precision(cfg.train.dtype, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if world_size > 1 and cfg.train.dtype == "auto":  # ranks measure their own CPU rates: rank 0's choice rules
+        chosen = [precision.name]
+        dist.broadcast_object_list(chosen, src=0)
+        precision = resolve_precision(chosen[0], device)
+    cfg.train.dtype = precision.name  # saved resolved, so a resume runs in the same precision
     # The perf model's view of this run; with parallel.auto the planner writes the layout into cfg first.
     forecast = prepare_forecast(cfg, device, world_size, precision.name)
     matmul = _choose_cpu_matmul(cfg, device, precision.name, world_size)
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
+    muon_ns = _muon_ns_dtype(device, world_size) if cfg.optim.name == "muon" else "bf16"
     lead = rank == 0  # only rank 0 writes files other than checkpoint shards
     run_dir = Path(cfg.out)
     data_dir = Path(cfg.data.path) if cfg.data.path else default_dataset()
@@ -126,7 +143,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
         if cfg.train.compile:
             for block in model.layers.values():
                 block.compile()
-        optimizers = build_optimizers(model, cfg.optim)
+        optimizers = build_optimizers(model, cfg.optim, muon_ns_dtype=muon_ns)
         loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
     else:
         # Every rank built the same full model from the same seed (CPU init): each layout starts from the
@@ -136,7 +153,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
                           tp_mesh=mesh["tp"] if dims.tp > 1 else None)
         parallel = parallelize(model, cfg, dims, mesh, device, loss_fn)
         zero1 = dims.flat["dp"] if dims.ddp and dims.zero == 1 else None
-        optimizers = build_optimizers(parallel.parts, cfg.optim, zero1_mesh=zero1)
+        optimizers = build_optimizers(parallel.parts, cfg.optim, zero1_mesh=zero1, muon_ns_dtype=muon_ns)
         model = parallel.parts[0] if dims.pp == 1 else None
         loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed,
                              dp_rank=parallel.coords["dp"], dp_size=dims.dp)
@@ -165,7 +182,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
     logger.print(f"model {cfg.model.preset or 'custom'}: {num_params(cfg.model):,} parameters, "
                  f"{trainer.flops_per_token / 1e6:.1f} MFLOP/token; data {data_dir.name} "
                  f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}"
-                 f"{f', matmul {matmul}' if matmul else ''}; "
+                 f"{f', matmul {matmul}' if matmul else ''}"
+                 f"{f', Muon orthogonalizes in {muon_ns}' if cfg.optim.name == 'muon' else ''}; "
                  f"{peak_note}")
     logger.print(forecast.line())
     try:

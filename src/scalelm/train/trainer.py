@@ -29,9 +29,11 @@ from scalelm.model.counting import flops_per_token
 from scalelm.model.sample import sample
 from scalelm.parallel.comm import CommCounter
 from scalelm.parallel.parallelize import Parallel, clip_grad_norm_, gather_full_state, unwrap
+from scalelm.train import budget
 from scalelm.train.checkpoint import save_checkpoint, save_distributed_checkpoint, state_sha256, unique_state
 from scalelm.train.metrics import MetricsLogger, now
 from scalelm.train.optim import lr_factor, set_lr
+from scalelm.train.peak import cpu_peak_flops
 
 LN2 = math.log(2.0)
 
@@ -50,13 +52,23 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
 
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 autocast pays on this CPU. Having AVX512-BF16 is not enough: an AMD EPYC here runs bf16
+    matmuls at 2.3x its fp32 rate, an Intel Xeon with the same flag at about half (126-150 vs 240-290 GFLOP/s,
+    docs/benchmarks.md), so the measured square-matmul rates (cached with the MFU peak) decide."""
+    return _has_cpu_bf16() and cpu_peak_flops("bf16") > cpu_peak_flops("fp32")
+
+
+def _has_cpu_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(requested: str, device: torch.device) -> Precision:
     if requested == "auto":
         if device.type == "cuda":
             requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            # CPUs with AVX512-BF16/AMX run bf16 matmuls about twice as fast as fp32 (docs/benchmarks.md).
-            requested = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+            requested = "bf16" if cpu_bf16_is_faster() else "fp32"
     if requested == "fp32":
         return Precision("fp32", None)
     if requested == "bf16":
@@ -110,15 +122,22 @@ class Trainer:
         self.params = parallel.norm_params() if parallel else [p for p in model.parameters() if p.requires_grad]
         self.val_batches = eval_batches(val_tokens, t.seq_len, min(t.global_batch, 32), t.eval_batches)
         self.last_val_loss: float | None = None
+        self.budget_steps: int | None = None  # the run's length once train.time_budget_min has fixed it
+
+    @property
+    def total_steps(self) -> int:
+        return min(self.cfg.train.steps, self.budget_steps) if self.budget_steps else self.cfg.train.steps
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "loader": self.loader.state_dict(), "last_val_loss": self.last_val_loss}
+        return {"step": self.step, "loader": self.loader.state_dict(), "last_val_loss": self.last_val_loss,
+                "budget_steps": self.budget_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.last_val_loss = state.get("last_val_loss")
+        self.budget_steps = state.get("budget_steps")
 
     # ---- one optimizer step -------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -147,7 +166,7 @@ class Trainer:
             for opt in self.optimizers:
                 self.precision.scaler.unscale_(opt)
         grad_norm = self.clip_gradients()
-        lr = set_lr(self.optimizers, lr_factor(self.cfg.optim, self.step, self.cfg.train.steps))
+        lr = set_lr(self.optimizers, lr_factor(self.cfg.optim, self.step, self.total_steps))
         for opt in self.optimizers:
             if self.precision.scaler:
                 self.precision.scaler.step(opt)
@@ -266,16 +285,27 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t, ck = self.cfg.train, self.cfg.checkpoint
         interval_start, interval_steps = now(), 0
-        while self.step < t.steps:
+        fit_start = now()
+        # With a time budget, the process that starts the run fixes its length after the probe steps and
+        # re-plans at every log step from the mean step time so far (a shared machine's speed drifts); a
+        # resumed run keeps the saved length.
+        plans = bool(t.time_budget_min) and self.budget_steps is None
+        timed_s, timed_steps, eval_s, evals = 0.0, 0, 0.0, 0
+        while self.step < self.total_steps:
             step_start = now()
             # Distributed: count the bytes handed to collectives during each logged step (a dispatch mode that
             # slows that one step, so it is left out of the throughput below).
-            counting = self.parallel is not None and ((self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps)
+            counting = self.parallel is not None and ((self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps)
             with CommCounter() if counting else contextlib.nullcontext() as comm:
                 loss, grad_norm, lr = self.train_step()
             counted_s = now() - step_start if counting else 0.0
+            if self.step > 2:  # the first two steps compile and warm up
+                timed_s, timed_steps = timed_s + now() - step_start, timed_steps + 1
+            if plans and timed_steps >= budget.PROBE_STEPS - 2 and (
+                    self.budget_steps is None or self.step % t.log_every == 0):
+                self.fix_length(now() - fit_start, timed_s / timed_steps, eval_s / evals if evals else None)
             interval_steps += 1
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
                 loss_value = self.global_loss(loss).item()  # .item() syncs with the device: only on log steps
                 elapsed, steps_timed = now() - interval_start, interval_steps
                 if counting and interval_steps > 1:
@@ -298,17 +328,43 @@ class Trainer:
             else:
                 self.logger.advance(self.step, f"{now() - step_start:.2f} s/step")
             pause = now()
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.eval_and_log()
-            if ck.every and self.step % ck.every == 0 and self.step < t.steps:
+                eval_s, evals = eval_s + now() - pause, evals + 1
+            if ck.every and self.step % ck.every == 0 and self.step < self.total_steps:
                 self.save()
             interval_start += now() - pause  # evaluation and checkpoints do not count as training time
         val_loss = self.eval_and_log()
         self.save()
         end = {"event": "end", "step": self.step, "val_loss": val_loss, "params_sha256": self.params_sha256(),
-               **self.drift()}
+               "train_wall_s": now() - fit_start, **self.drift()}
         self.logger.log(end)
         return end
+
+    def fix_length(self, elapsed_s: float, step_s: float, eval_s: float | None) -> None:
+        """Set how many steps fit in train.time_budget_min (train/budget.py), given the seconds spent, the mean
+        step time and the measured (else estimated) evaluation time. Distributed ranks take rank 0's count, so
+        they all stop together."""
+        t = self.cfg.train
+        if eval_s is None:
+            eval_tokens = len(self.val_batches) * min(t.global_batch, 32) * t.seq_len
+            eval_s = budget.eval_seconds(step_s, self.tokens_per_step, eval_tokens, t.sample_tokens, t.seq_len)
+        total = budget.steps_within(60 * t.time_budget_min, elapsed_s, self.step, step_s, eval_s, t.eval_every,
+                                    t.steps)
+        if self.parallel is not None:
+            chosen = [total]
+            dist.broadcast_object_list(chosen, src=0)
+            total = chosen[0]
+        if total == self.budget_steps:
+            return
+        first = self.budget_steps is None
+        self.budget_steps = total
+        self.logger.set_total(total)
+        self.logger.log({"event": "time_budget", "step": self.step, "budget_min": t.time_budget_min,
+                         "measured_step_s": step_s, "eval_s": eval_s, "steps": total})
+        if first:
+            self.logger.print(f"time budget {t.time_budget_min:g} min: {total} steps fit ({step_s:.2f} s/step "
+                              f"measured{'' if total < t.steps else '; train.steps is the limit'})")
 
     def drift(self) -> dict[str, float | None]:
         """Predicted vs measured step time. Measured = mean step_time_s of the logged intervals after the first

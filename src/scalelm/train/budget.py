@@ -1,0 +1,44 @@
+"""Fit a run into a wall-clock budget (`train.time_budget_min`): how many optimizer steps the time allows.
+
+The same config trains at very different speeds on different machines (two 2-core cloud VMs here differ by 1.6x
+on the default run), so a fixed step count cannot promise a finishing time. With a budget, the trainer times its
+first steps, then fixes the run's length once: the most steps (never more than `train.steps`) whose remaining
+training, evaluations and final save fit in what is left. The count is decided before the warm-up ends where it
+can be, so the learning-rate schedule is one smooth curve over the steps actually run; it is saved with the
+checkpoints, and a resumed run keeps it.
+"""
+
+from __future__ import annotations
+
+PROBE_STEPS = 12
+"""Steps timed before the length is decided: the first two (compilation, allocator warm-up) are left out."""
+FORWARD_SHARE = 0.5
+"""Seconds of a forward-only token over a training token (forward ~1/3 of the FLOPs; small eval batches and
+one-sequence sampling run less efficiently)."""
+MARGIN = 0.03
+"""Share of the budget held back for what the estimate misses (the final checkpoint, a slower minute)."""
+
+
+def evaluations_in(done: int, total: int, eval_every: int) -> int:
+    """Evaluations still to come when `done` of `total` steps are done: every `eval_every` steps, and at the end."""
+    periodic = sum(1 for s in range(done + 1, total) if eval_every and s % eval_every == 0)
+    return periodic + 1
+
+
+def eval_seconds(step_s: float, tokens_per_step: int, eval_tokens: int, sample_tokens: int, seq_len: int) -> float:
+    """Estimated seconds of one evaluation: the validation batches' forward passes, plus the sample, which re-runs
+    its growing context (no KV cache) for each new token."""
+    sample_forward_tokens = sum(min(seq_len, 1 + i) for i in range(sample_tokens))
+    return FORWARD_SHARE * (eval_tokens + sample_forward_tokens) * step_s / tokens_per_step
+
+
+def steps_within(budget_s: float, elapsed_s: float, done: int, step_s: float, eval_s: float, eval_every: int,
+                 max_steps: int) -> int:
+    """The largest total step count n (done <= n <= max_steps) for which the time already spent, the n - done
+    remaining steps and the evaluations they bring fit in the budget less its margin; `done` (stop now) when
+    none does."""
+    left = budget_s * (1 - MARGIN) - elapsed_s
+    for total in range(max_steps, done, -1):
+        if (total - done) * step_s + evaluations_in(done, total, eval_every) * eval_s <= left:
+            return total
+    return done

@@ -87,7 +87,8 @@ class TrainConfig:
     eval_every: int = 100
     """Evaluate on the validation split every N steps (and at the end); 0 = only at the end."""
     eval_batches: int = 10
-    """Batches of global_batch sequences per evaluation (the same windows every time)."""
+    """Batches of 32 validation sequences per evaluation: the same windows every time and whatever the training
+    batch, so val losses compare across runs (forwarded at most global_batch sequences at a time)."""
     sample_tokens: int = 200
     """Tokens generated after each evaluation; 0 = none."""
     threads: int = 0

@@ -163,3 +163,13 @@ def test_time_budget_length_is_kept_on_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "steps_within", lambda *args: 40)  # a resumed run does not plan again
     assert train(tmp_path / "resumed", *args) == 0
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # same length, so the same LR schedule
+
+
+def test_val_loss_does_not_depend_on_the_training_batch(tmp_path):
+    """The same validation windows, forwarded in chunks of at most global_batch rows (24 + 8 here)."""
+    frozen = ("--train.steps", "1", "--optim.lr", "1e-12", "--optim.warmup_steps", "0", "--train.eval_batches", "2")
+    ends = []
+    for batch in ("8", "24"):
+        assert train(tmp_path / batch, *frozen, "--train.global_batch", batch) == 0
+        ends.append(metrics(tmp_path / batch)[-1]["val_loss"])
+    assert ends[0] == pytest.approx(ends[1], rel=1e-6)

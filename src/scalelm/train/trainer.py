@@ -36,6 +36,8 @@ from scalelm.train.optim import lr_factor, set_lr
 from scalelm.train.peak import cpu_peak_flops
 
 LN2 = math.log(2.0)
+EVAL_ROWS = 32
+"""Validation windows per evaluation batch (train.eval_batches of them)."""
 
 
 @dataclass
@@ -120,7 +122,12 @@ class Trainer:
         self.tokens_per_step = t.global_batch * t.seq_len  # the loss is normalized by the GLOBAL token count
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.params = parallel.norm_params() if parallel else [p for p in model.parameters() if p.requires_grad]
-        self.val_batches = eval_batches(val_tokens, t.seq_len, min(t.global_batch, 32), t.eval_batches)
+        # The same EVAL_ROWS x eval_batches windows whatever the training batch, so val losses compare across
+        # runs; forwarded in chunks of at most global_batch rows (a run's batch is what its memory allows).
+        chunk = min(t.global_batch, EVAL_ROWS)
+        self.val_batches = [(x[i:i + chunk], y[i:i + chunk])
+                            for x, y in eval_batches(val_tokens, t.seq_len, EVAL_ROWS, t.eval_batches)
+                            for i in range(0, EVAL_ROWS, chunk)]
         self.last_val_loss: float | None = None
         self.budget_steps: int | None = None  # the run's length once train.time_budget_min has fixed it
 
@@ -219,9 +226,10 @@ class Trainer:
             part.eval()
         total = 0.0
         for x, y in self.val_batches:
+            rows = x.shape[0] / EVAL_ROWS  # chunks may differ in size: weight each by its rows
             x, y = x.to(self.device), y.to(self.device)
             if self.pipeline is not None:
-                total += self.pipeline_eval(x, y)
+                total += rows * self.pipeline_eval(x, y)
                 continue
             with self.loss_context():
                 with self.precision.autocast(self.device):
@@ -229,12 +237,12 @@ class Trainer:
                 if self.parallel is not None and self.parallel.tp_mesh is not None:
                     logits = DTensor.from_local(logits, self.parallel.tp_mesh, [Shard(-1)], run_check=False)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            total += _plain(loss).item()
+            total += rows * _plain(loss).item()
         for part in parts:
             part.train()
         if self.parallel is not None:
             self.parallel.reshard()
-        return total / len(self.val_batches)
+        return total / self.cfg.train.eval_batches
 
     def pipeline_eval(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Mean loss of one batch through the pipeline, forward only; the last stage shares it with the others."""
@@ -347,7 +355,7 @@ class Trainer:
         they all stop together."""
         t = self.cfg.train
         if eval_s is None:
-            eval_tokens = len(self.val_batches) * min(t.global_batch, 32) * t.seq_len
+            eval_tokens = t.eval_batches * EVAL_ROWS * t.seq_len
             eval_s = budget.eval_seconds(step_s, self.tokens_per_step, eval_tokens, t.sample_tokens, t.seq_len)
         total = budget.steps_within(60 * t.time_budget_min, elapsed_s, self.step, step_s, eval_s, t.eval_every,
                                     t.steps)

@@ -274,14 +274,17 @@ class Trainer:
         return self.tokenizer.decode(out[0, 1:].tolist())
 
     def eval_and_log(self) -> float:
+        start = now()
         val_loss = self.evaluate()
         self.last_val_loss = val_loss
         record: dict[str, Any] = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                                  "val_bits_per_token": val_loss / LN2}
+                                  "val_bits_per_token": val_loss / LN2, "eval_s": now() - start}
         if self.cfg.train.sample_tokens:
+            start = now()
             text = self.sample_text(self.cfg.train.sample_tokens)
             if text is not None:
                 record["sample"] = text
+                record["sample_s"] = now() - start
         self.logger.log(record)
         self.logger.print(f"step {self.step}: val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f}, "
                           f"{record['val_bits_per_token']:.3f} bits/token)")

@@ -135,6 +135,15 @@ def test_time_budget_counts_steps_evaluations_and_margin():
     assert budget.steps_within(100.5 / (1 - budget.MARGIN), 0.0, 10, 1.0, 20.0, 20, 1000) == 50
     assert budget.steps_within(1e9, 0.0, 10, 1.0, 1.0, 0, 225) == 225  # train.steps stays the limit
     assert budget.steps_within(1.0, 5.0, 12, 1.0, 1.0, 0, 225) == 12  # over budget already: stop now
+    def brute(budget_s, elapsed, done, step_s, eval_s, every, most):  # the definition, step count by step count
+        left = budget_s * (1 - budget.MARGIN) - elapsed
+        ok = [n for n in range(done + 1, most + 1) if (n - done) * step_s
+              + (sum(1 for k in range(done + 1, n) if every and k % every == 0) + 1) * eval_s <= left]
+        return max(ok, default=done)
+
+    for case in [(300.0, 20.0, 12, 0.7, 5.0, 100, 450), (300.0, 20.0, 12, 0.7, 5.0, 7, 450),
+                 (90.0, 5.0, 40, 1.3, 9.0, 0, 60), (60.0, 70.0, 12, 0.5, 1.0, 10, 450)]:
+        assert budget.steps_within(*case) == brute(*case)
     # eval cost: forward share of the validation tokens plus the sample's growing context, in step-time units
     assert budget.eval_seconds(2.0, 1000, 500, 3, 2) == pytest.approx(budget.FORWARD_SHARE * (500 + 1 + 2 + 2) * 2.0 / 1000)
 

@@ -42,6 +42,17 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def rank0_choice(value):
+    """`value` as rank 0 has it: a choice each rank makes from its own measurements (the faster GEMM backend or
+    precision, a run's length) must be the same everywhere. A collective when a process group is up (call it on
+    every rank); `value` itself in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @dataclass
 class Parallel:
     dims: ParallelDims

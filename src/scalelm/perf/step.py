@@ -242,7 +242,8 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
         # scalelm's Muon (train/muon.py): Newton-Schulz on every block matrix the rank updates (ZeRO-1 splits
         # them) in bf16, or in fp32 on a device whose fp32 GEMMs are the faster (some CPUs), plus the eager ops
         # around each matrix (cast, norm, 3 per iteration, momentum, update).
-        ns_dtype = "fp32" if hw.accelerator.peak_tflops.get("fp32", 0) > hw.accelerator.peak_flops("bf16") / 1e12 else "bf16"
+        fp32_flops = hw.accelerator.peak_tflops.get("fp32", 0.0) * 1e12
+        ns_dtype = "fp32" if fp32_flops > hw.accelerator.peak_flops("bf16") else "bf16"
         mats = len(block_matrices(cfg)) * layers / shard
         ns = sum(compute.gemm_time_s(g.m, g.n, g.k, hw, ns_dtype) for g in newton_schulz_gemms(cfg)) * layers / shard
         optimizer += ns + mats * (3 * 5 + 10) * hw.efficiency.host_op_us * 1e-6

@@ -21,7 +21,7 @@ MARGIN = 0.03
 
 def evaluations_in(done: int, total: int, eval_every: int) -> int:
     """Evaluations still to come when `done` of `total` steps are done: every `eval_every` steps, and at the end."""
-    periodic = sum(1 for s in range(done + 1, total) if eval_every and s % eval_every == 0)
+    periodic = max(0, (total - 1) // eval_every - done // eval_every) if eval_every else 0
     return periodic + 1
 
 
@@ -38,7 +38,13 @@ def steps_within(budget_s: float, elapsed_s: float, done: int, step_s: float, ev
     remaining steps and the evaluations they bring fit in the budget less its margin; `done` (stop now) when
     none does."""
     left = budget_s * (1 - MARGIN) - elapsed_s
-    for total in range(max_steps, done, -1):
-        if (total - done) * step_s + evaluations_in(done, total, eval_every) * eval_s <= left:
-            return total
-    return done
+
+    def fits(total: int) -> bool:
+        return (total - done) * step_s + evaluations_in(done, total, eval_every) * eval_s <= left
+
+    # The time needed grows with the step count: bisect (re-planned at every log step, even for long runs).
+    lo, hi = done, max_steps  # lo: known to fit (or nothing more does)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo

@@ -17,7 +17,7 @@ from scalelm.layout_rules import resolve_optimizer
 from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import cpu_matmul_backend, onednn_available
-from scalelm.parallel import ParallelDims, init_distributed, parallelize
+from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice
 from scalelm.parallel.ac import apply_ac
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
 from scalelm.train.forecast import prepare_forecast
@@ -75,7 +75,7 @@ def train(cfg: Config) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str, world_size: int) -> str | None:
+def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str) -> str | None:
     """The fp32 linear layers' GEMM backend per train.cpu_matmul, or None where the choice does not apply (GPU, or
     autocast: those matmuls are PyTorch's own). All ranks use rank 0's choice."""
     if device.type != "cpu" or precision != "fp32":
@@ -84,23 +84,14 @@ def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str, world_
     if choice == "onednn" and not onednn_available():
         raise ConfigError("train.cpu_matmul=onednn but this PyTorch build has no oneDNN (mkldnn); use auto or blas")
     if choice == "auto":
-        choice = fastest_cpu_matmul("fp32")  # blas where this build has no oneDNN
-        if world_size > 1:
-            chosen = [choice]
-            dist.broadcast_object_list(chosen, src=0)
-            choice = chosen[0]
+        choice = rank0_choice(fastest_cpu_matmul("fp32"))  # blas where this build has no oneDNN
     return choice
 
 
-def _muon_ns_dtype(device: torch.device, world_size: int) -> str:
+def _muon_ns_dtype(device: torch.device) -> str:
     """Muon orthogonalizes in bf16 (torch's choice) unless this CPU runs fp32 matmuls faster (train/muon.py).
     All ranks use rank 0's choice: data-parallel replicas must apply identical updates."""
-    choice = "bf16" if device.type != "cpu" or cpu_bf16_is_faster() else "fp32"
-    if world_size > 1:
-        chosen = [choice]
-        dist.broadcast_object_list(chosen, src=0)
-        choice = chosen[0]
-    return choice
+    return rank0_choice("bf16" if device.type != "cpu" or cpu_bf16_is_faster() else "fp32")
 
 
 def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
@@ -108,17 +99,15 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
         precision = resolve_precision(cfg.train.dtype, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if world_size > 1 and cfg.train.dtype == "auto":  # ranks measure their own CPU rates: rank 0's choice rules
-        chosen = [precision.name]
-        dist.broadcast_object_list(chosen, src=0)
-        precision = resolve_precision(chosen[0], device)
+    if cfg.train.dtype == "auto":  # ranks measure their own CPU rates: rank 0's choice rules
+        precision = resolve_precision(rank0_choice(precision.name), device)
     cfg.train.dtype = precision.name  # saved resolved, so a resume runs in the same precision
     # The perf model's view of this run; with parallel.auto the planner writes the layout into cfg first.
     forecast = prepare_forecast(cfg, device, world_size, precision.name)
-    matmul = _choose_cpu_matmul(cfg, device, precision.name, world_size)
+    matmul = _choose_cpu_matmul(cfg, device, precision.name)
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
-    muon_ns = _muon_ns_dtype(device, world_size) if cfg.optim.name == "muon" else "bf16"
+    muon_ns = _muon_ns_dtype(device) if cfg.optim.name == "muon" else "bf16"
     lead = rank == 0  # only rank 0 writes files other than checkpoint shards
     run_dir = Path(cfg.out)
     data_dir = Path(cfg.data.path) if cfg.data.path else default_dataset()

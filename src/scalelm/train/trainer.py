@@ -28,7 +28,7 @@ from scalelm.data import BatchLoader, eval_batches
 from scalelm.model.counting import flops_per_token
 from scalelm.model.sample import sample
 from scalelm.parallel.comm import CommCounter
-from scalelm.parallel.parallelize import Parallel, clip_grad_norm_, gather_full_state, unwrap
+from scalelm.parallel.parallelize import Parallel, clip_grad_norm_, gather_full_state, rank0_choice, unwrap
 from scalelm.train import budget
 from scalelm.train.checkpoint import save_checkpoint, save_distributed_checkpoint, state_sha256, unique_state
 from scalelm.train.metrics import MetricsLogger, now
@@ -303,7 +303,7 @@ class Trainer:
         # re-plans at every log step from the mean step time so far (a shared machine's speed drifts); a
         # resumed run keeps the saved length.
         plans = bool(t.time_budget_min) and self.budget_steps is None
-        timed_s, timed_steps, eval_s, evals = 0.0, 0, 0.0, 0
+        ran, timed_s, timed_steps, eval_s, evals = 0, 0.0, 0, 0.0, 0
         while self.step < self.total_steps:
             step_start = now()
             # Distributed: count the bytes handed to collectives during each logged step (a dispatch mode that
@@ -312,7 +312,8 @@ class Trainer:
             with CommCounter() if counting else contextlib.nullcontext() as comm:
                 loss, grad_norm, lr = self.train_step()
             counted_s = now() - step_start if counting else 0.0
-            if self.step > 2:  # the first two steps compile and warm up
+            ran += 1
+            if ran > 2:  # this process's first two steps compile and warm up
                 timed_s, timed_steps = timed_s + now() - step_start, timed_steps + 1
             if plans and timed_steps >= budget.PROBE_STEPS - 2 and (
                     self.budget_steps is None or self.step % t.log_every == 0):
@@ -364,10 +365,7 @@ class Trainer:
             eval_s = budget.eval_seconds(step_s, self.tokens_per_step, eval_tokens, t.sample_tokens, t.seq_len)
         total = budget.steps_within(60 * t.time_budget_min, elapsed_s, self.step, step_s, eval_s, t.eval_every,
                                     t.steps)
-        if self.parallel is not None:
-            chosen = [total]
-            dist.broadcast_object_list(chosen, src=0)
-            total = chosen[0]
+        total = rank0_choice(total)
         if total == self.budget_steps:
             return
         first = self.budget_steps is None

@@ -15,6 +15,9 @@
 3. The trainer's own forecast (`scalelm.train.forecast.predict_run`, the torch-free step model) predicts the same
    step from the same config and layout, at the precision the trainer resolved (read from its log).
 
+Layout `1t` is one process with OMP_NUM_THREADS=1, predicted with the 1-thread file: not a real configuration,
+but it separates the 1-thread compute model from what two processes side by side add (collectives, FSDP hooks).
+
 A layout the trainer cannot run yet (it rejects `--nproc` or a `--parallel.*` key) prints
 "n/a (trainer lacks it)". The machine is shared: timings are noisy, so the table prints the load average, and
 "speed vs cal": the machine's speed around each run (scalelm.calibrate.speed_probe_gflops with the run's threads
@@ -47,8 +50,10 @@ DEFAULT_RUNS = [
     "tiny:",
 ]
 LAYOUTS = {
-    # name: (processes, trainer flags)
+    # name: (processes, trainer flags); "1t" is one process with OMP_NUM_THREADS=1, predicted with the 1-thread
+    # file: it separates the 1-thread compute model from what running two processes side by side adds
     "1": (1, []),
+    "1t": (1, []),
     "dp2": (2, []),
     "tp2": (2, ["--parallel.tp", "2"]),
     "pp2": (2, ["--parallel.pp", "2"]),
@@ -113,7 +118,10 @@ def train(preset: str, args: list[str], layout: str, steps: int, workdir: Path) 
            "--train.eval_batches", "1", "--train.sample_tokens", "0", "--out", str(out), *args]
     if nproc > 1:
         cmd += ["--nproc", str(nproc), *flags]
-    proc = subprocess.run(cmd, env=_env(), check=False, capture_output=True, text=True)
+    env = _env()
+    if layout == "1t":
+        env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["?"])[-1]
         if nproc > 1 and LACKS.search(proc.stderr):
@@ -144,7 +152,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hardware", type=Path, help="calibrated file for 1-process runs (reused if it exists)")
     p.add_argument("--hardware-1t", type=Path, help="file calibrated with OMP_NUM_THREADS=1, for torchrun ranks")
-    p.add_argument("--layouts", default="1", help="comma list of 1, dp2, tp2, pp2 (default 1)")
+    p.add_argument("--layouts", default="1", help="comma list of 1, 1t, dp2, tp2, pp2 (default 1)")
     p.add_argument("--run", action="append", metavar="PRESET:ARGS",
                    help="preset and trainer overrides, repeatable (default: shakespeare-char fp32 b16 s256; tiny)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per run; the second half is timed")
@@ -172,7 +180,8 @@ def _check(args, runs, layouts, default_threads: int, workdir: Path) -> int:
     for preset, extra in runs:
         for layout in layouts:
             name = f"{preset} {' '.join(extra)}".strip()
-            probe_threads = 1 if LAYOUTS[layout][0] > 1 else default_threads
+            one_thread = LAYOUTS[layout][0] > 1 or layout == "1t"
+            probe_threads = 1 if one_thread else default_threads
             speed = probe(probe_threads)
             m = train(preset, extra, layout, args.steps, workdir)
             speed = (speed + probe(probe_threads)) / 2
@@ -181,7 +190,7 @@ def _check(args, runs, layouts, default_threads: int, workdir: Path) -> int:
                 print(f"  {name} [{layout}]: {m['na']}", flush=True)
                 continue
             hw_path = hw1
-            if LAYOUTS[layout][0] > 1:
+            if one_thread:
                 hw_1t = hw_1t or ensure_hardware(args.hardware_1t, 1, workdir)
                 hw_path = hw_1t
             dtype = m["dtype"] or parse_overrides(extra).get("train.dtype", "fp32")

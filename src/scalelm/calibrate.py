@@ -6,8 +6,9 @@ count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
 * matmul throughput over shapes (median of several calls each): the step model's curve
   peak·k/(k + k0)·n/(n + n0) is fitted to all of them, giving the fp32 (and bf16) "peak", the inner-dimension
   penalty k0 and the narrow-output penalty n0 of compute.gemm_time_s; the fixed cost comes from a tiny matmul; then the forward and backward of a stack of
-  linear layers gives the share of that curve GEMMs reach inside a training step (`efficiency.matmul`), and
-  again through the trainer's fp32 oneDNN path where that is the faster one (`efficiency.matmul_fp32_fast`);
+  linear layers gives the share of that curve GEMMs reach inside a training step (`efficiency.matmul`); where
+  the trainer's fp32 oneDNN path is the faster one, a transformer layer's linear layers run through it give its
+  speed as a factor on the same curve (`efficiency.matmul_fp32_fast`);
 * host time per eager operator (dispatch + autograd), which a CPU cannot overlap with its own compute;
 * memory bandwidth: a large tensor copy (read + write) -> hbm_tb_s with memory_bw efficiency 1.0;
 * attention: causal scaled_dot_product_attention forward+backward in fp32 and bf16, expressed in the step
@@ -168,48 +169,6 @@ def measure_attention(peak_tflops: float, quick: bool = False, dtype: str = "flo
     return 1.0 / inv_e, c * 1e6
 
 
-def measure_step_matmul_efficiency(quick: bool = False, backend: str = "blas") -> float:
-    """Share of their stand-alone speed that GEMMs keep inside a training step: forward and backward of a stack of
-    linear layers (fresh activations and gradients: allocation, cache misses) against the same twelve GEMMs run
-    back to back on ready operands. The two are timed alternately and the median ratio kept, so a change of the
-    machine's speed during calibration cancels. Returned as the hardware file's `efficiency.matmul`; with
-    backend="onednn" the stack runs the trainer's fp32 path (scalelm.model.linear) against the same BLAS GEMMs
-    alone, which gives `efficiency.matmul_fp32_fast` (above 1 where oneDNN beats the BLAS curve)."""
-    import torch
-
-    from scalelm.model.linear import cpu_matmul_backend, linear
-
-    tokens, d, hidden = (1024 if quick else 2048), 256, 768
-    x = torch.randn(tokens, d)
-    weights = [torch.randn(hidden, d, requires_grad=True), torch.randn(d, hidden, requires_grad=True)] * 2
-
-    def chain():
-        y = x
-        for w in weights:
-            y = linear(y, w)
-        y.sum().backward()
-
-    operands = []
-    for w in weights:
-        n, k = w.shape
-        operands += [(torch.randn(tokens, k), torch.randn(k, n)),  # forward
-                     (torch.randn(tokens, n), torch.randn(n, k)),  # input gradient
-                     (torch.randn(n, tokens), torch.randn(tokens, k))]  # weight gradient
-
-    def alone():
-        for a, b in operands:
-            torch.mm(a, b)
-
-    with cpu_matmul_backend(backend):
-        chain(), alone()
-        ratios = []
-        for _ in range(3 if quick else 7):
-            t_alone, t_chain = _bench(alone, 1, warmup=0), _bench(chain, 1, warmup=0)
-            ratios.append(t_alone / t_chain)
-    ratios.sort()
-    return max(0.3, min(1.0 if backend == "blas" else 2.0, ratios[len(ratios) // 2]))
-
-
 def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
     import torch
     import torch.distributed as dist
@@ -298,10 +257,18 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
         attn_bf16, tile_us_bf16 = measure_attention(bf16, quick, "bfloat16")
     except RuntimeError:
         attn_bf16, tile_us_bf16 = attn, tile_us
+    from scalelm.calibrate_matmul import measure_layer_matmul_factor, measure_step_matmul_efficiency
+
     step_eff = measure_step_matmul_efficiency(quick)
     from scalelm.train.peak import fastest_cpu_matmul
 
-    fast = measure_step_matmul_efficiency(quick, "onednn") if fastest_cpu_matmul("fp32") == "onednn" else None
+    fast = (measure_layer_matmul_factor(mm["peak_tflops"], mm["k_overhead"], mm["n_overhead"], "onednn", quick)
+            if fastest_cpu_matmul("fp32") == "onednn" else None)
+    try:
+        in_step_bf16 = measure_layer_matmul_factor(bf16, mm_bf16["k_overhead"], mm_bf16.get("n_overhead", 0.0),
+                                                   "bf16", quick)
+    except RuntimeError:
+        in_step_bf16 = None
     host_op_us = measure_host_op_us(quick)
     coll = measure_collectives(quick) if collectives else {"latency_us": 50.0, "bandwidth_gb_s": 5.0}
     try:
@@ -310,7 +277,7 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
         ram_gib = 16.0
     return {"matmul": mm, "bf16_tflops": bf16, "bf16_k_overhead": mm_bf16["k_overhead"],
             "bf16_n_overhead": mm_bf16.get("n_overhead", 0.0), "memory_tb_s": bw, "attention": attn, "attention_bf16": attn_bf16, "attention_tile_us": tile_us, "attention_tile_us_bf16": tile_us_bf16,
-            "matmul_step_efficiency": step_eff, "matmul_fp32_fast": fast, "host_op_us": host_op_us,
+            "matmul_step_efficiency": step_eff, "matmul_fp32_fast": fast, "matmul_bf16": in_step_bf16, "host_op_us": host_op_us,
             "collectives": coll,
             "ram_gib": ram_gib, "probe_gflops": (probe_before + speed_probe_gflops()) / 2, "threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1,
             "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
@@ -324,6 +291,8 @@ def write_toml(result: dict, path: str | Path) -> Path:
     shapes = "; ".join(f"{r['m']}x{r['n']}x{r['k']}: {r['tflops'] * 1e3:.1f} GFLOP/s" for r in mm["shapes"])
     fast = result.get("matmul_fp32_fast")
     fast_line = f"matmul_fp32_fast = {fast:.4f}\n" if fast else ""
+    if result.get("matmul_bf16"):
+        fast_line += f"matmul_bf16 = {result['matmul_bf16']:.4f}\n"
     text = f"""# Written by `scalelm calibrate` on {time.strftime('%Y-%m-%d %H:%M')} ({result['machine']}, torch {result['torch']},
 # {result['threads']} threads). Measured values. matmul: the share of their stand-alone speed GEMMs keep
 # inside a training step; comm_overlap 0: gloo collectives run on the compute cores, nothing hides behind compute.

@@ -361,3 +361,38 @@ def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_m
             > predict_step(cfg, narrow, tp, 64, 8, fused).step_time_s)
     assert predict_step(cfg, cpu(), tp, 64, 8, PROFILES["scalelm"]).step_time_s == pytest.approx(
         predict_step(cfg, cpu(), tp, 64, 8, fused).step_time_s, rel=1e-12)
+
+
+def test_the_calibrations_curve_is_the_step_models():
+    """calibrate.measure_fast_matmul_factor divides the curve's time by a measured time, and the step model
+    multiplies the factor back onto gemm_time_s: the two must compute the same curve for the BLAS's speed at
+    calibration time to cancel."""
+    from scalelm.calibrate_matmul import curve_seconds
+    from scalelm.perf.compute import gemm_time_s
+    from scalelm.perf.hardware import parse_hardware
+
+    hw = parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.09, "bf16": 0.2},
+                                         "hbm_gib": 8, "hbm_tb_s": 1.0, "tdp_w": 65, "compute_units": 1},
+                         "efficiency": {"matmul": 1.0, "matmul_k_overhead": 17.0, "matmul_n_overhead": 42.0,
+                                        "kernel_overhead_us": 0.0},
+                         "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+    for m, n, k in [(2048, 768, 256), (2048, 256, 768), (256, 768, 2048), (2048, 256, 256)]:
+        assert curve_seconds(m, n, k, 0.09, 17.0, 42.0) == pytest.approx(gemm_time_s(m, n, k, hw, "fp32"), rel=1e-12)
+
+
+def test_bf16_gemms_take_their_own_in_step_efficiency_where_measured():
+    from scalelm.perf.compute import gemm_time_s
+    from scalelm.perf.hardware import parse_hardware
+
+    def cpu(**eff):
+        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
+                                               "hbm_gib": 8, "hbm_tb_s": 1.0, "tdp_w": 65, "compute_units": 1},
+                               "efficiency": {"matmul": 0.9, "matmul_k_overhead": 0.0, "matmul_n_overhead": 0.0,
+                                              "kernel_overhead_us": 0.0, **eff},
+                               "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+
+    flops = 2 * 2048 * 768 * 256
+    assert gemm_time_s(2048, 768, 256, cpu(), "bf16") == pytest.approx(flops / (0.2e12 * 0.9), rel=1e-12)
+    measured = cpu(matmul_bf16=0.75)
+    assert gemm_time_s(2048, 768, 256, measured, "bf16") == pytest.approx(flops / (0.2e12 * 0.75), rel=1e-12)
+    assert gemm_time_s(2048, 768, 256, measured, "fp32") == pytest.approx(flops / (0.1e12 * 0.9), rel=1e-12)

@@ -40,6 +40,7 @@ def gemm_time_s(m: int, n: int, k: int, hw: Hardware, dtype: str = "bf16") -> fl
     e = eff.matmul * (FP8_MATMUL_EFFICIENCY if dtype == "fp8" else 1.0)
     k0, n0 = eff.matmul_k_overhead, eff.matmul_n_overhead
     if dtype in ("bf16", "fp16"):
+        e = e if eff.matmul_bf16 is None else eff.matmul_bf16
         k0 = k0 if eff.matmul_k_overhead_bf16 is None else eff.matmul_k_overhead_bf16
         n0 = n0 if eff.matmul_n_overhead_bf16 is None else eff.matmul_n_overhead_bf16
     e *= k / (k + k0) * n / (n + n0)

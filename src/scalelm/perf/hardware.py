@@ -61,7 +61,11 @@ class Efficiency:
     matmul_fp32_fast: float | None = None
     """`matmul` for fp32 GEMMs outside tensor parallelism, where the framework runs them on a faster kernel than
     the one the curve was measured with (scalelm on CPUs: oneDNN instead of BLAS, scalelm.model.linear; under
-    tensor parallelism and in bf16 the matmuls stay PyTorch's own). None: `matmul`."""
+    tensor parallelism and in bf16 the matmuls stay PyTorch's own), as a factor on the same curve (may exceed 1).
+    None: `matmul`."""
+    matmul_bf16: float | None = None
+    """`matmul` for bf16/fp16 GEMMs where it was measured apart (scalelm calibrate on CPUs: linear layers under
+    bf16 autocast against the bf16 curve, weight casts included), as a factor on that curve. None: `matmul`."""
     matmul_k_overhead: float = 128.0
     """Tile prologue/epilogue cost in units of the inner dimension: a GEMM with inner size k runs at
     k / (k + this) of `matmul` (fixed per-tile cost amortized over the main loop)."""

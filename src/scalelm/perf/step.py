@@ -232,7 +232,7 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
                 total += (layers + 1) * hw.efficiency.fsdp_unit_us * 1e-6
             window = t_b * fw.dp_overlap * overlap
             dp_exposed = max(0.0, total - window)
-        dp_hidden = total - dp_exposed
+        dp_hidden = max(0.0, total - dp_exposed)  # the first gather is exposed on top of total
     opt_params = psi_stage / shard
     if lo.offload:
         optimizer = opt_params * 2 * 4 / (hw.node.pcie_gb_s * 1e9) + opt_params * OPTIMIZER_BYTES_PER_PARAM / 50e9

@@ -1,0 +1,94 @@
+"""What GEMMs reach inside a training step on this machine, against the curve `scalelm calibrate` fits.
+
+The fitted curve (calibrate.measure_matmul) times GEMMs alone on ready operands. Inside a step the trainer's linear
+layers also allocate, miss caches, and on a CPU may run another kernel than the one the curve measured (fp32
+through oneDNN, scalelm.model.linear) or cast their weights on every call (bf16 autocast). These measurements give
+the factors the step model multiplies onto the curve: `efficiency.matmul`, `matmul_fp32_fast`, `matmul_bf16`.
+"""
+
+from __future__ import annotations
+
+from scalelm.calibrate import _bench
+
+
+def measure_step_matmul_efficiency(quick: bool = False) -> float:
+    """Share of their stand-alone speed that GEMMs keep inside a training step: forward and backward of a stack of
+    linear layers (fresh activations and gradients: allocation, cache misses) against the same twelve GEMMs run
+    back to back on ready operands. The two are timed alternately and the median ratio kept, so a change of the
+    machine's speed during calibration cancels. Returned as the hardware file's `efficiency.matmul`."""
+    import torch
+
+    from scalelm.model.linear import cpu_matmul_backend, linear
+
+    tokens, d, hidden = (1024 if quick else 2048), 256, 768
+    x = torch.randn(tokens, d)
+    weights = [torch.randn(hidden, d, requires_grad=True), torch.randn(d, hidden, requires_grad=True)] * 2
+
+    def chain():
+        y = x
+        for w in weights:
+            y = linear(y, w)
+        y.sum().backward()
+
+    operands = []
+    for w in weights:
+        n, k = w.shape
+        operands += [(torch.randn(tokens, k), torch.randn(k, n)),  # forward
+                     (torch.randn(tokens, n), torch.randn(n, k)),  # input gradient
+                     (torch.randn(n, tokens), torch.randn(tokens, k))]  # weight gradient
+
+    def alone():
+        for a, b in operands:
+            torch.mm(a, b)
+
+    with cpu_matmul_backend("blas"):
+        chain(), alone()
+        ratios = []
+        for _ in range(3 if quick else 7):
+            t_alone, t_chain = _bench(alone, 1, warmup=0), _bench(chain, 1, warmup=0)
+            ratios.append(t_alone / t_chain)
+    ratios.sort()
+    return max(0.3, min(1.0, ratios[len(ratios) // 2]))
+
+
+def curve_seconds(m: int, n: int, k: int, peak_tflops: float, k0: float, n0: float) -> float:
+    """Seconds of an [m,k]·[k,n] GEMM on the fitted curve, as compute.gemm_time_s computes it at efficiency 1."""
+    return 2 * m * n * k / (peak_tflops * 1e12 * k / (k + k0) * n / (n + n0))
+
+
+def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: str, quick: bool = False) -> float:
+    """How much faster than the fitted curve (peak, k0, n0) a training step's linear layers run on `path`, as a
+    factor the step model multiplies back onto the same curve. A transformer layer's linear layers (d->3d, d->d,
+    d->h twice, h->d) run forward and backward; the factor is the curve's time for their GEMMs over the measured
+    time. Measured against the curve itself, not against the same GEMMs run alone at another moment: the BLAS's
+    speed at calibration time then cancels out of the prediction, and MKL's speed on some x86 machines moves far
+    more from minute to minute than oneDNN's (a ratio of two separate measurements carried that noise: 1.10-1.31
+    for the same 1-thread machine).
+
+    path "onednn": fp32 through the trainer's oneDNN path (scalelm.model.linear: forward and input gradient on
+    oneDNN, weight gradient on the BLAS) against the fp32 curve -> `efficiency.matmul_fp32_fast`.
+    path "bf16": F.linear under bf16 autocast, as the trainer runs bf16 (weights cast on every call) against the
+    bf16 curve -> `efficiency.matmul_bf16`."""
+    import torch
+
+    from scalelm.model.linear import cpu_matmul_backend, linear
+
+    tokens, d, hidden = (1024 if quick else 2048), 256, 768
+    # A transformer layer's linear layers: fused q/k/v, output projection, the MLP's gate and up, its down.
+    shapes = [(d, 3 * d), (d, d), (d, hidden), (d, hidden), (hidden, d)]  # (in, out)
+    inputs = {k: torch.randn(tokens, k, requires_grad=True) for k in (d, hidden)}
+    weights = [torch.randn(n, k, requires_grad=True) for k, n in shapes]
+    curve = sum(curve_seconds(tokens, n, k, peak_tflops, k0, n0) + curve_seconds(tokens, k, n, peak_tflops, k0, n0)
+                + curve_seconds(k, n, tokens, peak_tflops, k0, n0) for k, n in shapes)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "bf16")
+
+    def chain():
+        with amp:
+            total = sum(linear(inputs[w.shape[1]], w).float().sum() for w in weights)
+        total.backward()
+        for t in (*inputs.values(), *weights):
+            t.grad = None
+
+    with cpu_matmul_backend("onednn" if path == "onednn" else "blas"):
+        t = _bench(chain, 5 if quick else 21, warmup=5)
+    return max(0.3, min(2.0, curve / t))

@@ -105,21 +105,21 @@ def test_one_process_applies_activation_checkpointing(tmp_path, caplog):
 
 @pytest.mark.parametrize(("bf16_gflops", "fp32_gflops", "chosen"), [(440.0, 190.0, "bf16"), (130.0, 260.0, "fp32")])
 def test_auto_precision_on_cpu_takes_the_faster_measured_matmul(monkeypatch, bf16_gflops, fp32_gflops, chosen):
-    import scalelm.train.trainer as trainer
+    import scalelm.train.precision as precision
 
     rates = {"bf16": bf16_gflops * 1e9, "fp32": fp32_gflops * 1e9}
-    monkeypatch.setattr(trainer, "_has_cpu_bf16", lambda: True)
-    monkeypatch.setattr(trainer, "cpu_peak_flops", lambda dtype: rates[dtype])
-    assert trainer.resolve_precision("auto", torch.device("cpu")).name == chosen
-    monkeypatch.setattr(trainer, "_has_cpu_bf16", lambda: False)
-    assert trainer.resolve_precision("auto", torch.device("cpu")).name == "fp32"
+    monkeypatch.setattr(precision, "_has_cpu_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_peak_flops", lambda dtype: rates[dtype])
+    assert precision.resolve_precision("auto", torch.device("cpu")).name == chosen
+    monkeypatch.setattr(precision, "_has_cpu_bf16", lambda: False)
+    assert precision.resolve_precision("auto", torch.device("cpu")).name == "fp32"
 
 
 def test_config_records_the_precision_auto_chose(tmp_path, monkeypatch):
-    import scalelm.train.trainer as trainer
+    import scalelm.train.precision as precision
 
-    monkeypatch.setattr(trainer, "_has_cpu_bf16", lambda: True)
-    monkeypatch.setattr(trainer, "cpu_peak_flops", lambda dtype: {"bf16": 2.0, "fp32": 1.0}[dtype])
+    monkeypatch.setattr(precision, "_has_cpu_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_peak_flops", lambda dtype: {"bf16": 2.0, "fp32": 1.0}[dtype])
     assert train(tmp_path, "--train.dtype", "auto", "--train.steps", "1") == 0
     assert 'dtype = "bf16"' in (tmp_path / "config.toml").read_text()
 

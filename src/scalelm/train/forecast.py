@@ -287,8 +287,8 @@ def prepare_forecast(cfg: Config, device: Any, world_size: int, precision: str) 
 def launch_flags(cfg: Config, world_size: int) -> tuple[list[str], str]:
     """For `scalelm train --nproc N --parallel auto`: plan once in the parent; returns the explicit flags for the
     ranks and a line to print. Imports torch (device and precision are resolved as the ranks will)."""
+    from scalelm.train.precision import resolve_precision
     from scalelm.train.run import resolve_device
-    from scalelm.train.trainer import resolve_precision
 
     device = resolve_device(cfg.device)
     try:

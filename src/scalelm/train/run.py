@@ -25,7 +25,8 @@ from scalelm.train.host_memory import keep_freed_host_memory
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
 from scalelm.train.peak import fastest_cpu_matmul, peak_flops
-from scalelm.train.trainer import Trainer, cpu_bf16_is_faster, resolve_precision, token_loss
+from scalelm.train.precision import cpu_bf16_is_faster, resolve_precision
+from scalelm.train.trainer import Trainer, token_loss
 
 
 def resolve_device(requested: str) -> torch.device:

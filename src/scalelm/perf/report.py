@@ -162,7 +162,10 @@ def hardware_show(hw: Hardware) -> str:
     lines = [f"{a.key}: {a.name}" + (f"  (cluster: {hw.name}, {hw.nodes} nodes)" if hw.nodes else ""),
              "  peak TFLOP/s: " + ", ".join(f"{k} {v:g}" for k, v in a.peak_tflops.items()),
              f"  HBM {a.hbm_gib:g} GiB at {a.hbm_tb_s:g} TB/s; TDP {a.tdp_w:g} W; ${a.price_per_hour_usd}/h",
-             (f"  efficiencies: matmul {e.matmul}, attention {e.attention}, memory bw {e.memory_bw}, "
+             (f"  efficiencies: matmul {e.matmul}"
+             + (f" (fp32 fast path {e.matmul_fp32_fast})" if e.matmul_fp32_fast is not None else "")
+             + (f" (bf16 {e.matmul_bf16})" if e.matmul_bf16 is not None else "")
+             + f", attention {e.attention}, memory bw {e.memory_bw}, "
              f"clock derate {e.clock_derate}, kernel overhead {e.kernel_overhead_us} us"
              + (f", host {e.host_op_us} us/op" if e.host_op_us else "")),
              (f"  node: {n.gpus_per_node} per node (NVLink domain {n.nvlink_domain}), {n.intra_node_gb_s:g} GB/s/dir "

@@ -23,6 +23,15 @@ from scalelm.perf.pipeline import bubble_fraction, in_flight_microbatches, timel
 from scalelm.perf.run import goodput, young_daly_interval_s
 
 
+def cpu_hardware(fp32: float = 0.1, bf16: float = 0.2, hbm_tb_s: float = 0.02, **efficiency):
+    """A one-device-per-process CPU hardware model for formula tests: these peaks, bandwidth and efficiencies."""
+    from scalelm.perf.hardware import parse_hardware
+
+    return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": fp32, "bf16": bf16},
+                                           "hbm_gib": 8, "hbm_tb_s": hbm_tb_s, "tdp_w": 65, "compute_units": 1},
+                           "efficiency": efficiency, "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+
+
 # ---- FLOPs ------------------------------------------------------------------------------------------------
 def test_narayanan_eq3_closed_form():
     b, s, l, h, v = 512, 2048, 24, 2304, 51200
@@ -189,11 +198,8 @@ def test_fsdp_zero3_states_are_16_bytes_per_parameter_deepspeed_18():
 
 def test_attention_runs_at_the_peak_of_its_precision():
     from scalelm.perf.compute import flash_attention_s
-    from scalelm.perf.hardware import parse_hardware
 
-    hw = parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
-                                         "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
-                         "efficiency": {"kernel_overhead_us": 0.0}, "node": {"inter_node": "ethernet-10g"}})
+    hw = cpu_hardware(kernel_overhead_us=0.0)
     f32, _ = flash_attention_s(1e12, 0.5, 64, hw, "fp32")
     b16, _ = flash_attention_s(1e12, 0.5, 64, hw, "bf16")
     assert f32 == pytest.approx(2 * b16)
@@ -201,12 +207,8 @@ def test_attention_runs_at_the_peak_of_its_precision():
 
 def test_bf16_attention_uses_its_own_measured_efficiency():
     from scalelm.perf.compute import flash_attention_s
-    from scalelm.perf.hardware import parse_hardware
 
-    hw = parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
-                                         "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
-                         "efficiency": {"kernel_overhead_us": 0.0, "attention": 0.4, "attention_bf16": 0.1},
-                         "node": {"inter_node": "ethernet-10g"}})
+    hw = cpu_hardware(kernel_overhead_us=0.0, attention=0.4, attention_bf16=0.1)
     f32, _ = flash_attention_s(1e12, 0.5, 64, hw, "fp32")
     b16, _ = flash_attention_s(1e12, 0.5, 64, hw, "bf16")
     assert b16 == pytest.approx(2 * f32)  # twice the peak at a quarter of the share
@@ -240,17 +242,13 @@ def test_muon_orthogonalizes_in_the_faster_dtype():
     """As the trainer (train/muon.py): bf16, or fp32 where the fp32 peak is the higher (some CPUs)."""
     from scalelm.perf.compute import gemm_time_s
     from scalelm.perf.flops import newton_schulz_gemms
-    from scalelm.perf.hardware import parse_hardware
     from scalelm.perf.layout import Layout
     from scalelm.perf.step import predict_step
 
     cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
 
     def cpu(fp32, bf16):
-        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": fp32, "bf16": bf16},
-                                               "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
-                               "efficiency": {"kernel_overhead_us": 0.0, "host_op_us": 0.0},
-                               "node": {"inter_node": "ethernet-10g"}})
+        return cpu_hardware(fp32, bf16, kernel_overhead_us=0.0, host_op_us=0.0)
 
     def ns_seconds(hw):
         lo = Layout(micro_batch=8, optimizer="muon", precision="fp32")
@@ -293,17 +291,13 @@ def test_gemm_curve_fit_recovers_inner_and_output_overheads():
 
 
 def test_measured_fsdp_and_tp_host_costs_enter_the_step():
-    from scalelm.perf.hardware import parse_hardware
     from scalelm.perf.layout import Layout
     from scalelm.perf.step import predict_step
 
     cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)
 
     def cpu(**eff):
-        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
-                                               "hbm_gib": 8, "hbm_tb_s": 0.02, "tdp_w": 65, "compute_units": 1},
-                               "efficiency": {"comm_overlap": 0.0, **eff},
-                               "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+        return cpu_hardware(comm_overlap=0.0, **eff)
 
     fsdp = Layout(dp=2, zero=3, micro_batch=4, precision="fp32")
     base = predict_step(cfg, cpu(), fsdp, 64, 8)
@@ -332,16 +326,12 @@ def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_m
 
     from scalelm.perf.compute import gemm_time_s
     from scalelm.perf.frameworks import PROFILES
-    from scalelm.perf.hardware import parse_hardware
     from scalelm.perf.layout import Layout
     from scalelm.perf.step import predict_step
 
     def cpu(**eff):
-        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
-                                               "hbm_gib": 8, "hbm_tb_s": 1.0, "tdp_w": 65, "compute_units": 1},
-                               "efficiency": {"comm_overlap": 0.0, "matmul": 1.0, "matmul_k_overhead": 0.0,
-                                              "kernel_overhead_us": 0.0, **eff},
-                               "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+        return cpu_hardware(hbm_tb_s=1.0, **{"comm_overlap": 0.0, "matmul": 1.0, "matmul_k_overhead": 0.0,
+                                             "kernel_overhead_us": 0.0, **eff})
 
     narrow = cpu(matmul_n_overhead=40.0)
     flops = 2 * 8192 * 128 * 256
@@ -369,27 +359,19 @@ def test_the_calibrations_curve_is_the_step_models():
     calibration time to cancel."""
     from scalelm.calibrate_matmul import curve_seconds
     from scalelm.perf.compute import gemm_time_s
-    from scalelm.perf.hardware import parse_hardware
 
-    hw = parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.09, "bf16": 0.2},
-                                         "hbm_gib": 8, "hbm_tb_s": 1.0, "tdp_w": 65, "compute_units": 1},
-                         "efficiency": {"matmul": 1.0, "matmul_k_overhead": 17.0, "matmul_n_overhead": 42.0,
-                                        "kernel_overhead_us": 0.0},
-                         "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+    hw = cpu_hardware(0.09, hbm_tb_s=1.0, matmul=1.0, matmul_k_overhead=17.0, matmul_n_overhead=42.0,
+                      kernel_overhead_us=0.0)
     for m, n, k in [(2048, 768, 256), (2048, 256, 768), (256, 768, 2048), (2048, 256, 256)]:
         assert curve_seconds(m, n, k, 0.09, 17.0, 42.0) == pytest.approx(gemm_time_s(m, n, k, hw, "fp32"), rel=1e-12)
 
 
 def test_bf16_gemms_take_their_own_in_step_efficiency_where_measured():
     from scalelm.perf.compute import gemm_time_s
-    from scalelm.perf.hardware import parse_hardware
 
     def cpu(**eff):
-        return parse_hardware({"accelerator": {"key": "cpu", "name": "cpu", "peak_tflops": {"fp32": 0.1, "bf16": 0.2},
-                                               "hbm_gib": 8, "hbm_tb_s": 1.0, "tdp_w": 65, "compute_units": 1},
-                               "efficiency": {"matmul": 0.9, "matmul_k_overhead": 0.0, "matmul_n_overhead": 0.0,
-                                              "kernel_overhead_us": 0.0, **eff},
-                               "node": {"gpus_per_node": 2, "inter_node": "ethernet-10g"}})
+        return cpu_hardware(hbm_tb_s=1.0, matmul=0.9, matmul_k_overhead=0.0, matmul_n_overhead=0.0,
+                            kernel_overhead_us=0.0, **eff)
 
     flops = 2 * 2048 * 768 * 256
     assert gemm_time_s(2048, 768, 256, cpu(), "bf16") == pytest.approx(flops / (0.2e12 * 0.9), rel=1e-12)

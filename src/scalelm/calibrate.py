@@ -8,7 +8,8 @@ count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
   penalty k0 and the narrow-output penalty n0 of compute.gemm_time_s; the fixed cost comes from a tiny matmul; then the forward and backward of a stack of
   linear layers gives the share of that curve GEMMs reach inside a training step (`efficiency.matmul`); where
   the trainer's fp32 oneDNN path is the faster one, a transformer layer's linear layers run through it give its
-  speed as a factor on the same curve (`efficiency.matmul_fp32_fast`);
+  speed as a factor on the same curve (`efficiency.matmul_fp32_fast`), and the same layer under bf16 autocast a
+  factor on the bf16 curve (`efficiency.matmul_bf16`), both in calibrate_matmul.py;
 * host time per eager operator (dispatch + autograd), which a CPU cannot overlap with its own compute;
 * memory bandwidth: a large tensor copy (read + write) -> hbm_tb_s with memory_bw efficiency 1.0;
 * attention: causal scaled_dot_product_attention forward+backward in fp32 and bf16, expressed in the step

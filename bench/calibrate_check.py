@@ -50,8 +50,7 @@ DEFAULT_RUNS = [
     "tiny:",
 ]
 LAYOUTS = {
-    # name: (processes, trainer flags); "1t" is one process with OMP_NUM_THREADS=1, predicted with the 1-thread
-    # file: it separates the 1-thread compute model from what running two processes side by side adds
+    # name: (processes, trainer flags); "1t": one process with OMP_NUM_THREADS=1 (see the docstring)
     "1": (1, []),
     "1t": (1, []),
     "dp2": (2, []),

@@ -291,9 +291,9 @@ def write_toml(result: dict, path: str | Path) -> Path:
     mm, coll = result["matmul"], result["collectives"]
     shapes = "; ".join(f"{r['m']}x{r['n']}x{r['k']}: {r['tflops'] * 1e3:.1f} GFLOP/s" for r in mm["shapes"])
     fast = result.get("matmul_fp32_fast")
-    fast_line = f"matmul_fp32_fast = {fast:.4f}\n" if fast else ""
+    factor_lines = f"matmul_fp32_fast = {fast:.4f}\n" if fast else ""
     if result.get("matmul_bf16"):
-        fast_line += f"matmul_bf16 = {result['matmul_bf16']:.4f}\n"
+        factor_lines += f"matmul_bf16 = {result['matmul_bf16']:.4f}\n"
     text = f"""# Written by `scalelm calibrate` on {time.strftime('%Y-%m-%d %H:%M')} ({result['machine']}, torch {result['torch']},
 # {result['threads']} threads). Measured values. matmul: the share of their stand-alone speed GEMMs keep
 # inside a training step; comm_overlap 0: gloo collectives run on the compute cores, nothing hides behind compute.
@@ -313,7 +313,7 @@ notes = "tdp_w and price are placeholders; edit them for energy and cost estimat
 
 [efficiency]
 matmul = {result.get('matmul_step_efficiency', 1.0):.4f}
-{fast_line}matmul_k_overhead = {mm['k_overhead']:.1f}
+{factor_lines}matmul_k_overhead = {mm['k_overhead']:.1f}
 matmul_n_overhead = {mm.get('n_overhead', 0.0):.1f}
 matmul_k_overhead_bf16 = {result.get('bf16_k_overhead', mm['k_overhead']):.1f}
 matmul_n_overhead_bf16 = {result.get('bf16_n_overhead', mm.get('n_overhead', 0.0)):.1f}

@@ -51,11 +51,6 @@ def measure_step_matmul_efficiency(quick: bool = False) -> float:
     return max(0.3, min(1.0, ratios[len(ratios) // 2]))
 
 
-def curve_seconds(m: int, n: int, k: int, peak_tflops: float, k0: float, n0: float) -> float:
-    """Seconds of an [m,k]·[k,n] GEMM on the fitted curve, as compute.gemm_time_s computes it at efficiency 1."""
-    return 2 * m * n * k / (peak_tflops * 1e12 * k / (k + k0) * n / (n + n0))
-
-
 def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: str, quick: bool = False) -> float:
     """How much faster than the fitted curve (peak, k0, n0) a training step's linear layers run on `path`, as a
     factor the step model multiplies back onto the same curve. A transformer layer's linear layers (d->3d, d->d,
@@ -72,14 +67,16 @@ def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: 
     import torch
 
     from scalelm.model.linear import cpu_matmul_backend, linear
+    from scalelm.perf.compute import curve_seconds
 
+    flops_per_s = peak_tflops * 1e12
     tokens, d, hidden = (1024 if quick else 2048), 256, 768
     # A transformer layer's linear layers: fused q/k/v, output projection, the MLP's gate and up, its down.
     shapes = [(d, 3 * d), (d, d), (d, hidden), (d, hidden), (hidden, d)]  # (in, out)
     inputs = {k: torch.randn(tokens, k, requires_grad=True) for k in (d, hidden)}
     weights = [torch.randn(n, k, requires_grad=True) for k, n in shapes]
-    curve = sum(curve_seconds(tokens, n, k, peak_tflops, k0, n0) + curve_seconds(tokens, k, n, peak_tflops, k0, n0)
-                + curve_seconds(k, n, tokens, peak_tflops, k0, n0) for k, n in shapes)
+    curve = sum(curve_seconds(tokens, n, k, flops_per_s, k0, n0) + curve_seconds(tokens, k, n, flops_per_s, k0, n0)
+                + curve_seconds(k, n, tokens, flops_per_s, k0, n0) for k, n in shapes)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "bf16")
 
     def chain():

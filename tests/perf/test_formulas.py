@@ -354,16 +354,17 @@ def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_m
 
 
 def test_the_calibrations_curve_is_the_step_models():
-    """calibrate.measure_fast_matmul_factor divides the curve's time by a measured time, and the step model
-    multiplies the factor back onto gemm_time_s: the two must compute the same curve for the BLAS's speed at
-    calibration time to cancel."""
-    from scalelm.calibrate_matmul import curve_seconds
-    from scalelm.perf.compute import gemm_time_s
+    """calibrate_matmul.measure_layer_matmul_factor divides compute.curve_seconds by a measured time, and the step
+    model multiplies the factor back onto gemm_time_s: at efficiency 1 gemm_time_s must be that curve, for the
+    BLAS's speed at calibration time to cancel."""
+    from scalelm.perf.compute import curve_seconds, gemm_time_s
 
     hw = cpu_hardware(0.09, hbm_tb_s=1.0, matmul=1.0, matmul_k_overhead=17.0, matmul_n_overhead=42.0,
                       kernel_overhead_us=0.0)
     for m, n, k in [(2048, 768, 256), (2048, 256, 768), (256, 768, 2048), (2048, 256, 256)]:
-        assert curve_seconds(m, n, k, 0.09, 17.0, 42.0) == pytest.approx(gemm_time_s(m, n, k, hw, "fp32"), rel=1e-12)
+        expected = 2 * m * n * k / (0.09e12 * k / (k + 17.0) * n / (n + 42.0))
+        assert curve_seconds(m, n, k, 0.09e12, 17.0, 42.0) == pytest.approx(expected, rel=1e-12)
+        assert gemm_time_s(m, n, k, hw, "fp32") == pytest.approx(expected, rel=1e-12)
 
 
 def test_bf16_gemms_take_their_own_in_step_efficiency_where_measured():

@@ -31,6 +31,12 @@ def _wave_efficiency(m: int, n: int, units: int, tile: int = 128) -> float:
     return tiles / (waves * units)
 
 
+def curve_seconds(m: int, n: int, k: int, flops_per_s: float, k0: float, n0: float) -> float:
+    """Compute-bound seconds of C[m,n] = A[m,k]·B[k,n] on the GEMM curve: the rate is flops_per_s·k/(k + k0)·n/(n + n0)
+    (scalelm calibrate fits peak, k0 and n0 of it, and measures its in-step factors against it)."""
+    return 2.0 * m * n * k / (flops_per_s * k / (k + k0) * n / (n + n0))
+
+
 def gemm_time_s(m: int, n: int, k: int, hw: Hardware, dtype: str = "bf16") -> float:
     """Seconds for C[m,n] = A[m,k]·B[k,n] in `dtype` on one device."""
     if m <= 0 or n <= 0 or k <= 0:
@@ -43,13 +49,11 @@ def gemm_time_s(m: int, n: int, k: int, hw: Hardware, dtype: str = "bf16") -> fl
         e = e if eff.matmul_bf16 is None else eff.matmul_bf16
         k0 = k0 if eff.matmul_k_overhead_bf16 is None else eff.matmul_k_overhead_bf16
         n0 = n0 if eff.matmul_n_overhead_bf16 is None else eff.matmul_n_overhead_bf16
-    e *= k / (k + k0) * n / (n + n0)
     e *= _wave_efficiency(m, n, hw.accelerator.compute_units)
-    flops = 2.0 * m * n * k
     elt = 1 if dtype == "fp8" else (4 if dtype == "fp32" else 2)
     bytes_moved = elt * (m * k + k * n) + 2 * m * n
     t_mem = bytes_moved / (hw.accelerator.hbm_tb_s * 1e12 * eff.memory_bw)
-    return eff.kernel_overhead_us * 1e-6 + max(flops / (peak * e), t_mem)
+    return eff.kernel_overhead_us * 1e-6 + max(curve_seconds(m, n, k, peak * e, k0, n0), t_mem)
 
 
 def gemm_fwd_bwd_s(g: Gemm, hw: Hardware, dtype: str) -> tuple[float, float]:

@@ -60,10 +60,15 @@ def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: 
     more from minute to minute than oneDNN's (a ratio of two separate measurements carried that noise: 1.10-1.31
     for the same 1-thread machine).
 
+    Only the GEMMs are timed: each linear layer reads its own input, already in the precision its matmul runs in,
+    and takes a ready output gradient, so no sums, casts of activations or gradient accumulation count as matmul
+    time -- the step model prices those as elementwise work. Where bf16 GEMMs are fast (AMX), those had added
+    10-60% to the GEMMs' own time under bf16 autocast.
+
     path "onednn": fp32 through the trainer's oneDNN path (scalelm.model.linear: forward and input gradient on
     oneDNN, weight gradient on the BLAS) against the fp32 curve -> `efficiency.matmul_fp32_fast`.
-    path "bf16": F.linear under bf16 autocast, as the trainer runs bf16 (weights cast on every call) against the
-    bf16 curve -> `efficiency.matmul_bf16`."""
+    path "bf16": F.linear under bf16 autocast on bf16 inputs, as the trainer runs bf16 (fp32 weights cast on every
+    call, a cost that belongs to the matmul) against the bf16 curve -> `efficiency.matmul_bf16`."""
     import torch
 
     from scalelm.model.linear import cpu_matmul_backend, linear
@@ -73,17 +78,19 @@ def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: 
     tokens, d, hidden = (1024 if quick else 2048), 256, 768
     # A transformer layer's linear layers: fused q/k/v, output projection, the MLP's gate and up, its down.
     shapes = [(d, 3 * d), (d, d), (d, hidden), (d, hidden), (hidden, d)]  # (in, out)
-    inputs = {k: torch.randn(tokens, k, requires_grad=True) for k in (d, hidden)}
+    act = torch.bfloat16 if path == "bf16" else torch.float32
+    inputs = [torch.randn(tokens, k, dtype=act, requires_grad=True) for k, _ in shapes]
     weights = [torch.randn(n, k, requires_grad=True) for k, n in shapes]
+    out_grads = [torch.randn(tokens, n, dtype=act) for _, n in shapes]
     curve = sum(curve_seconds(tokens, n, k, flops_per_s, k0, n0) + curve_seconds(tokens, k, n, flops_per_s, k0, n0)
                 + curve_seconds(k, n, tokens, flops_per_s, k0, n0) for k, n in shapes)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "bf16")
 
     def chain():
         with amp:
-            total = sum(linear(inputs[w.shape[1]], w).float().sum() for w in weights)
-        total.backward()
-        for t in (*inputs.values(), *weights):
+            outputs = [linear(x, w) for x, w in zip(inputs, weights)]
+        torch.autograd.backward(outputs, out_grads)
+        for t in (*inputs, *weights):
             t.grad = None
 
     with cpu_matmul_backend("onednn" if path == "onednn" else "blas"):

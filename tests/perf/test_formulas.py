@@ -321,6 +321,23 @@ def test_tp_without_sp_replicates_norms_and_residual_adds():
     assert replicated_elementwise_bytes_per_token(cfg, 4, fused_norm=False) == (2 * UNFUSED_RMSNORM_ELEMS + 6) * 256 * 4
 
 
+def test_autocast_moves_the_stream_in_fp32_and_the_matmul_outputs_in_bf16():
+    from scalelm.perf.flops import elementwise_bytes_per_token, replicated_elementwise_bytes_per_token
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)  # SwiGLU, RoPE, f = 768
+    h, f = 256, cfg.ffn_hidden
+    matmul_outputs = 3 * f + 2 * 8 * 64 + 2 * 12 * 64 + 2 * h  # SwiGLU, RoPE on q and k, q/k/v/o layout copies
+    fp32 = elementwise_bytes_per_token(cfg, 4, fused_norm=False)
+    assert fp32 == replicated_elementwise_bytes_per_token(cfg, 4, fused_norm=False) + matmul_outputs * 4
+    mixed = elementwise_bytes_per_token(cfg, 2, fused_norm=False, stream_bytes=4)
+    # Norms and residual adds in fp32; the norm outputs cast for the fused q/k/v, w1 and w3 (read 4, write 2).
+    casts = 3 * h * (4 + 2)
+    assert mixed == replicated_elementwise_bytes_per_token(cfg, 4, fused_norm=False) + casts + matmul_outputs * 2
+    assert replicated_elementwise_bytes_per_token(cfg, 4, False, 2, fused_qkv=False) - \
+        replicated_elementwise_bytes_per_token(cfg, 4, False) == 5 * h * 6  # q, k and v each cast their input
+    assert elementwise_bytes_per_token(cfg, 2, stream_bytes=2) == elementwise_bytes_per_token(cfg, 2)
+
+
 def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_measured():
     from dataclasses import replace
 

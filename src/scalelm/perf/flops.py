@@ -110,7 +110,8 @@ UNFUSED_RMSNORM_ELEMS = 18
 36 bytes per element = 18 bf16-sized passes."""
 
 
-def elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm: bool = True) -> float:
+def elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm: bool = True,
+                                stream_bytes: int | None = None, fused_qkv: bool = True) -> float:
     """HBM bytes one layer's unfused memory-bound ops move per token in the forward pass.
 
     Counted reads+writes: two norms (2h each), two residual adds (3h each), the MLP activation
@@ -118,21 +119,36 @@ def elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm
     attention output (2·(H + 2·KV)·d_head + 2h). The backward moves about twice that. An RMSNorm written
     in plain PyTorch (upcast, pow, mean, rsqrt, two multiplies, downcast) is seven kernels moving ~18
     activation-sized passes instead of 2 (`fused_norm=False`).
+
+    `stream_bytes` (default `act_bytes`): the element size of the residual stream where it differs from the
+    matmul outputs' -- autocast over fp32 weights keeps the stream, the norms and the residual adds in fp32
+    while q/k/v, the MLP activation and the attention output are bf16, and casts each norm output once per
+    matmul that reads it (see `replicated_elementwise_bytes_per_token`).
     """
     h, hd, nh, kv, f = cfg.d_model, cfg.dim_head, cfg.n_head, cfg.kv_heads, cfg.ffn_hidden
-    norm = 2 * h if fused_norm else UNFUSED_RMSNORM_ELEMS * h
-    elems = 2 * norm + 2 * 3 * h + (3 * f if cfg.mlp == "swiglu" else 2 * f)
+    matmul_outputs = 3 * f if cfg.mlp == "swiglu" else 2 * f
     if cfg.pos == "rope":
-        elems += 2 * (nh + kv) * hd
-    elems += 2 * (nh + 2 * kv) * hd + 2 * h
-    return elems * act_bytes
+        matmul_outputs += 2 * (nh + kv) * hd
+    matmul_outputs += 2 * (nh + 2 * kv) * hd + 2 * h
+    stream = act_bytes if stream_bytes is None else stream_bytes
+    replicated = replicated_elementwise_bytes_per_token(cfg, stream, fused_norm, act_bytes, fused_qkv)
+    return replicated + matmul_outputs * act_bytes
 
 
-def replicated_elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm: bool = True) -> float:
+def replicated_elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm: bool = True,
+                                           matmul_bytes: int | None = None, fused_qkv: bool = True) -> float:
     """The part of `elementwise_bytes_per_token` that tensor parallelism without sequence parallelism does not
-    split: the two norms and the two residual adds run on the full hidden size on every TP rank."""
-    norm = 2 * cfg.d_model if fused_norm else UNFUSED_RMSNORM_ELEMS * cfg.d_model
-    return (2 * norm + 2 * 3 * cfg.d_model) * act_bytes
+    split: the two norms and the two residual adds run on the full hidden size on every TP rank (`act_bytes`:
+    the residual stream's element size). Where the matmuls run in another precision (`matmul_bytes`, autocast),
+    each matmul reading a norm output casts it first -- q/k/v (one fused or three), w1 (and w3): read in the
+    stream's precision, written in the matmul's."""
+    h = cfg.d_model
+    norm = 2 * h if fused_norm else UNFUSED_RMSNORM_ELEMS * h
+    stream = (2 * norm + 2 * 3 * h) * act_bytes
+    if matmul_bytes is None or matmul_bytes == act_bytes:
+        return stream
+    readers = (1 if fused_qkv else 3) + (2 if cfg.mlp == "swiglu" else 1)
+    return stream + readers * h * (act_bytes + matmul_bytes)
 
 
 def softmax_bytes_per_token(cfg: ModelConfig, seq: int, dropout: bool) -> float:

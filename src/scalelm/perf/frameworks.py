@@ -69,8 +69,9 @@ class Framework:
     """Operators outside the blocks per micro-batch (embedding, final norm, head, loss), same count."""
     fp32_stream: bool = False
     """Mixed precision by autocast over fp32 weights (PyTorch AMP): the residual stream, the norms and the
-    tensors they produce stay fp32, so elementwise work moves 4-byte activations even in a bf16 run (plus the
-    casts around every matmul). False: the framework keeps activations in bf16 (Megatron, TE, JAX)."""
+    tensors they produce stay fp32, so that part of the elementwise work moves 4-byte activations even in a bf16
+    run, plus a cast before every matmul that reads a norm output; the matmul outputs (q/k/v, the MLP activation,
+    the attention output) are bf16. False: the framework keeps activations in bf16 (Megatron, TE, JAX)."""
     defaults: dict = field(default_factory=dict)
 
 

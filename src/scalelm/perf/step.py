@@ -108,9 +108,9 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
         pv_b = compute.gemm_time_s(s_loc * heads, seq, cfg.dim_head, hw, gemm_dtype) * 2
         scores_f = compute.memory_bound_s(softmax_bytes_per_token(cfg, seq, fw.dropout) * tokens / tp, hw)
         attn_f, attn_b = qk + pv + scores_f, qk_b + pv_b + 1.2 * scores_f
-    ew_act = 4 if fw.fp32_stream and dtype != "fp8" else act
-    ew = elementwise_bytes_per_token(cfg, ew_act, fw.fused_norm) * tokens * fw.elementwise_factor
-    repl = replicated_elementwise_bytes_per_token(cfg, ew_act, fw.fused_norm) * tokens * fw.elementwise_factor
+    stream = 4 if fw.fp32_stream and dtype != "fp8" else act
+    ew = elementwise_bytes_per_token(cfg, act, fw.fused_norm, stream, fused_qkv) * tokens * fw.elementwise_factor
+    repl = replicated_elementwise_bytes_per_token(cfg, stream, fw.fused_norm, act, fused_qkv) * tokens * fw.elementwise_factor
     ew = ew / tp if lo.sequence_parallel else repl + (ew - repl) / tp
     ew_f = compute.memory_bound_s(ew + cast_f, hw)
     ew_b = compute.memory_bound_s(2 * ew + cast_b, hw)

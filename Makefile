@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/scalelm train --out runs/demo --train.time_budget_min 4.8 --train.compile true --train.eval_every 0
+	$(BIN)/scalelm train --out runs/demo --train.time_budget_min 4.8 --train.steps 2000 --train.compile true --train.eval_every 0
 	$(BIN)/scalelm generate runs/demo --prompt "ROMEO:" --max-new-tokens 300
 
 test: $(STAMP)

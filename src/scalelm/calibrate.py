@@ -198,7 +198,9 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue
     if rank == 0:
         queue.put(res)
     dist.barrier()
-    dist.destroy_process_group()
+    from scalelm.parallel import release_process_groups
+
+    release_process_groups()
 
 
 def _fit_alpha_beta(points: list[tuple[int, float]], volume: float) -> tuple[float, float]:

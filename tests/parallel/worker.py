@@ -13,6 +13,7 @@ import sys
 import torch.distributed as dist
 
 from scalelm.cli import main as scalelm
+from scalelm.parallel import release_process_groups
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
         if code != 0:
             raise SystemExit(f"layout {name} failed with exit code {code}")
         dist.barrier()
-    dist.destroy_process_group()
+    release_process_groups()
 
 
 if __name__ == "__main__":

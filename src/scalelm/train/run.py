@@ -17,7 +17,7 @@ from scalelm.layout_rules import resolve_optimizer
 from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import cpu_matmul_backend, onednn_available
-from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice
+from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice, release_process_groups
 from scalelm.parallel.ac import apply_ac
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
 from scalelm.train.forecast import prepare_forecast
@@ -73,7 +73,7 @@ def train(cfg: Config) -> dict[str, Any]:
         return _train(cfg, device, rank, world_size)
     finally:
         if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            release_process_groups()
 
 
 def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str) -> str | None:

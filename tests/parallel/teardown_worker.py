@@ -15,7 +15,8 @@ from scalelm.cli import main as scalelm
 
 def gloo_threads() -> list[str]:
     tasks = "/proc/self/task"
-    return [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)]
+    names = (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+    return [name for name in names if "gloo" in name]
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
     code = scalelm(["train", *flags, "--out", out])
     if code != 0:
         raise SystemExit(f"training failed with exit code {code}")
-    left = [t for t in gloo_threads() if "gloo" in t]
+    left = gloo_threads()
     if left:
         raise SystemExit(f"gloo threads still running after the run: {left}")
 

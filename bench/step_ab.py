@@ -3,6 +3,7 @@
     python bench/step_ab.py --compare fuse-qkv --steps 12      # q/k/v as one matmul vs three
     python bench/step_ab.py --compare cpu-matmul --steps 8     # fp32 linear layers on oneDNN vs PyTorch's BLAS
     python bench/step_ab.py --compare cpu-matmul --compile 1
+    python bench/step_ab.py --compare cpu-attention --compile 1   # flash attention vs scalelm's fp32 kernel
 
 Two identical models (same seed) take fp32 training steps (forward, backward, fused AdamW) in turn, so a change
 of the machine's speed hits both alike; a difference of a few percent is below what separate invocations of
@@ -11,6 +12,8 @@ warm-up rounds (compilation included in those), and the relative change of the m
 
 - fuse-qkv: `Attention.fuse_projections` off (three matmuls, what tensor parallelism runs) and on.
 - cpu-matmul: `scalelm.model.linear` backend blas and onednn (train.cpu_matmul).
+- cpu-attention: `scalelm.model.cpu_attention` backend sdpa (PyTorch's flash attention, RoPE as its own pass) and
+  auto (scalelm's kernel, RoPE inside it; train.cpu_attention).
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from scalelm.model import get_preset
+from scalelm.model.cpu_attention import cpu_attention_backend
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import cpu_matmul_backend
 from scalelm.train.host_memory import keep_freed_host_memory
 
-# name -> (variant name, fuse_projections, cpu matmul backend) for the A and the B side
+# name -> (variant name, fuse_projections, cpu matmul backend, cpu attention backend) for the A and the B side
 COMPARISONS = {
-    "fuse-qkv": [("three matmuls", False, "blas"), ("fused q/k/v", True, "blas")],
-    "cpu-matmul": [("blas", True, "blas"), ("onednn", True, "onednn")],
+    "fuse-qkv": [("three matmuls", False, "blas", "auto"), ("fused q/k/v", True, "blas", "auto")],
+    "cpu-matmul": [("blas", True, "blas", "auto"), ("onednn", True, "onednn", "auto")],
+    "cpu-attention": [("sdpa", True, "blas", "sdpa"), ("scalelm kernel", True, "blas", "auto")],
 }
 
 
@@ -47,17 +52,17 @@ def main() -> None:
     x = torch.randint(0, cfg.vocab_size, (args.batch, cfg.max_seq_len))
     y = torch.randint(0, cfg.vocab_size, (args.batch, cfg.max_seq_len))
     variants = {}
-    for name, fused, backend in COMPARISONS[args.compare]:
+    for name, fused, backend, attention in COMPARISONS[args.compare]:
         torch.manual_seed(0)
         model = GPT(cfg)
         for block in model.layers.values():
             block.attention.fuse_projections = fused
         forward = torch.compile(model) if args.compile else model
-        variants[name] = (forward, backend, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), [])
+        variants[name] = (forward, backend, attention, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), [])
     for i in range(args.steps + 2):
-        for forward, backend, opt, times in variants.values():
+        for forward, backend, attention, opt, times in variants.values():
             start = time.perf_counter()
-            with cpu_matmul_backend(backend):
+            with cpu_matmul_backend(backend), cpu_attention_backend(attention):
                 F.cross_entropy(forward(x).flatten(0, 1), y.flatten()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -67,7 +72,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"{'variant':14} {'median s':>9} {'best s':>8}")
     medians = []
-    for name, (_, _, _, times) in variants.items():
+    for name, (*_, times) in variants.items():
         medians.append(statistics.median(times))
         print(f"{name:14} {medians[-1]:>9.3f} {min(times):>8.3f}")
     print(f"B vs A: {100 * (medians[1] / medians[0] - 1):+.1f}% median step time")

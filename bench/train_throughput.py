@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from scalelm.model import get_preset
+from scalelm.model.cpu_attention import kernel_available, set_cpu_attention
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import set_cpu_matmul
 from scalelm.train.host_memory import keep_freed_host_memory
@@ -95,6 +96,8 @@ def main() -> None:
                    help="CPU: measure the matmul peak around each row (fresh) or use the cached figure")
     p.add_argument("--cpu-matmul", choices=["auto", "onednn", "blas"], default="auto",
                    help="CPU fp32 GEMM backend of the linear layers, as train.cpu_matmul (auto = the faster one here)")
+    p.add_argument("--cpu-attention", choices=["auto", "sdpa"], default="auto",
+                   help="fp32 CPU attention: scalelm's kernel (auto, as the trainer) or PyTorch's flash attention")
     p.add_argument("--host-memory", choices=["keep", "system"], default="keep",
                    help="CPU: keep freed memory in the process as the trainer does (train.keep_host_memory), or "
                         "leave glibc's default, which returns it to the OS and page-faults it back every step")
@@ -106,11 +109,13 @@ def main() -> None:
         matmul = fastest_cpu_matmul("fp32")
     if args.device == "cpu":
         set_cpu_matmul(matmul)  # used by fp32 rows only; bf16 autocast matmuls are PyTorch's own
+        set_cpu_attention(args.cpu_attention)  # likewise
     seq = args.seq or get_preset(args.preset).max_seq_len
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     compiles = [False, True] if args.compile == "both" else [args.compile == "1"]
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"host memory {'kept' if kept else 'system allocator'}, fp32 matmul {matmul}")
+          f"host memory {'kept' if kept else 'system allocator'}, fp32 matmul {matmul}, fp32 attention "
+          f"{'scalelm kernel' if args.cpu_attention == 'auto' and kernel_available() else 'sdpa'}")
     print(f"{'preset':18} {'dtype':5} {'compile':7} {'batch×seq':>10} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'peak':>8} {'MFU':>6} {'mm peak':>8} {'MFU/mm':>7} {'faults/step':>11}")
     for dtype in dtypes:

@@ -12,8 +12,8 @@ count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
   factor on the bf16 curve (`efficiency.matmul_bf16`), both in calibrate_matmul.py;
 * host time per eager operator (dispatch + autograd), which a CPU cannot overlap with its own compute;
 * memory bandwidth: a large tensor copy (read + write) -> hbm_tb_s with memory_bw efficiency 1.0;
-* attention: causal scaled_dot_product_attention forward+backward in fp32 and bf16, expressed in the step
-  model's convention (compute.flash_attention_s): an efficiency per dtype and a fixed cost per tile;
+* attention: causal attention forward+backward in fp32 (scalelm's CPU kernel, model/cpu_attention.py) and bf16
+  (scaled_dot_product_attention), expressed in the step model's convention (compute.flash_attention_s): an efficiency per dtype and a fixed cost per tile;
 * no compute/communication overlap (`comm_overlap = 0`): gloo runs collectives on the compute cores;
 * FSDP2's cost per unit beyond its collectives' bytes, and how much slower tensor parallelism's all-reduces
   run inside a step than between idle processes (calibrate_parallel.py);
@@ -134,21 +134,33 @@ def measure_host_op_us(quick: bool = False) -> float:
 
 
 def _attention_seconds(b: int, h: int, s: int, d: int, dtype: str, reps: int) -> float:
+    """Causal attention forward+backward as the model runs it: in fp32 scalelm's CPU kernel (RoPE inside it)
+    where it applies, otherwise scaled_dot_product_attention."""
     import torch
     import torch.nn.functional as F
 
-    dt = getattr(torch, dtype)
-    q, k, v = (torch.randn(b, h, s, d, dtype=dt, requires_grad=True) for _ in range(3))
+    from scalelm.model import cpu_attention
+    from scalelm.model.gpt import rope_tables
 
-    def step():
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y.sum().backward()
+    dt = getattr(torch, dtype)
+    if dt == torch.float32 and cpu_attention.use_kernel(torch.empty(b, s, h, d), h, h, 0.0):
+        qkv = torch.randn(b, s, 3 * h, d, requires_grad=True)
+        rope = tuple(t[:s] for t in rope_tables(d, s, 10000.0))
+
+        def step():
+            cpu_attention.attention(qkv, h, rope).sum().backward()
+    else:
+        q, k, v = (torch.randn(b, h, s, d, dtype=dt, requires_grad=True) for _ in range(3))
+
+        def step():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y.sum().backward()
 
     return _bench(step, reps)
 
 
 def measure_attention(peak_tflops: float, quick: bool = False, dtype: str = "float32") -> tuple[float, float]:
-    """(efficiency, µs per tile) of causal scaled_dot_product_attention forward+backward in `dtype`, in the step
+    """(efficiency, µs per tile) of causal attention forward+backward in `dtype` (the model's kernel), in the step
     model's terms (compute.flash_attention_s): t = 3.5·causal·4·b·h·s²·d / (peak·e·d/(d+32)) + tiles·c with
     tiles = b·h·ceil(s/64). Two shapes — one FLOP-heavy, one of many small tiles — give the two unknowns."""
     from scalelm.perf.flops import causal_fraction

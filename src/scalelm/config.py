@@ -93,6 +93,9 @@ class TrainConfig:
     """Tokens generated after each evaluation; 0 = none."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = leave torch's default."""
+    cpu_attention: Literal["auto", "sdpa"] = "auto"
+    """CPU fp32 attention: auto = scalelm's kernel (model/cpu_attention.py, built on first use; RoPE applied
+    inside it), where it builds; sdpa = PyTorch's scaled_dot_product_attention."""
     cpu_matmul: Literal["auto", "onednn", "blas"] = "auto"
     """CPU fp32 GEMM backend of the linear layers: oneDNN or PyTorch's BLAS; auto = the faster square matmul as
     measured on this CPU (cached with the MFU peak)."""

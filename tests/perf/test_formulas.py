@@ -338,6 +338,21 @@ def test_autocast_moves_the_stream_in_fp32_and_the_matmul_outputs_in_bf16():
     assert elementwise_bytes_per_token(cfg, 2, stream_bytes=2) == elementwise_bytes_per_token(cfg, 2)
 
 
+def test_scalelm_fp32_attention_kernel_removes_rope_and_layout_passes():
+    from scalelm.perf.flops import elementwise_bytes_per_token, replicated_elementwise_bytes_per_token
+    from scalelm.perf.frameworks import PROFILES, framework_for
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, d_model=256, max_seq_len=64)  # SwiGLU, RoPE, f = 768
+    stream = replicated_elementwise_bytes_per_token(cfg, 4, fused_norm=False)
+    # Fused q/k/v: only the SwiGLU activation is left of the matmul outputs' passes.
+    assert elementwise_bytes_per_token(cfg, 4, False, attention_kernel=True) == stream + 3 * cfg.ffn_hidden * 4
+    # Three projections (tensor parallelism): their concatenation into the kernel's input is one more copy.
+    assert elementwise_bytes_per_token(cfg, 4, False, fused_qkv=False, attention_kernel=True) == \
+        stream + (3 * cfg.ffn_hidden + 2 * 12 * 64) * 4
+    assert PROFILES["scalelm"].fp32_attention_kernel and not framework_for("megatron").fp32_attention_kernel
+    assert not framework_for("some other trainer").fp32_attention_kernel
+
+
 def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_measured():
     from dataclasses import replace
 
@@ -366,8 +381,10 @@ def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_m
     fused = replace(PROFILES["scalelm"], fused_qkv_under_tp=True)
     assert (predict_step(cfg, narrow, tp, 64, 8, PROFILES["scalelm"]).step_time_s
             > predict_step(cfg, narrow, tp, 64, 8, fused).step_time_s)
-    assert predict_step(cfg, cpu(), tp, 64, 8, PROFILES["scalelm"]).step_time_s == pytest.approx(
-        predict_step(cfg, cpu(), tp, 64, 8, fused).step_time_s, rel=1e-12)
+    # (the fp32 attention kernel reads one q/k/v tensor: the split then costs their concatenation, so without it)
+    sdpa = replace(PROFILES["scalelm"], fp32_attention_kernel=False)
+    assert predict_step(cfg, cpu(), tp, 64, 8, sdpa).step_time_s == pytest.approx(
+        predict_step(cfg, cpu(), tp, 64, 8, replace(sdpa, fused_qkv_under_tp=True)).step_time_s, rel=1e-12)
 
 
 def test_the_calibrations_curve_is_the_step_models():

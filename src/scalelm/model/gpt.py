@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelm.model.config import ModelConfig
+from scalelm.model.cpu_attention import attention, use_kernel
 from scalelm.model.linear import Linear, linear
 
 
@@ -26,7 +27,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x [B, T, heads, hd] by the angles of cos/sin [T, 1, hd/2].
+    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x [B, heads, T, hd] by the angles of cos/sin [T, hd/2].
 
     Written as x·[cos, cos] + [x2, x1]·[−sin, sin]: four kernels instead of seven, which matters on CPUs where
     these memory-bound passes cost as much as a small matmul."""
@@ -53,12 +54,13 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, through F.scaled_dot_product_attention.
+    """Causal self-attention with grouped-query heads: fp32 on CPU by scalelm's kernel (`cpu_attention`, which
+    applies RoPE itself), otherwise by F.scaled_dot_product_attention.
 
     q, k and v stay three `nn.Linear`s (tensor parallelism splits each by heads, checkpoints name them), but when
-    `fuse_projections` is set they run as one matmul over their concatenated weights: one [T, 3d] GEMM and one
-    RoPE pass over q and k together, a few percent faster on a 2-core CPU (bench/step_ab.py). `apply_tp` turns the
-    fusion off, since each rank's slice of the concatenation would mix q, k and v.
+    `fuse_projections` is set they run as one matmul over their concatenated weights, one [T, 3d] GEMM, a few
+    percent faster on a 2-core CPU (bench/step_ab.py). `apply_tp` turns the fusion off, since each rank's slice of
+    the concatenation would mix q, k and v.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -73,26 +75,29 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        if rope is not None:
-            rope = rope[0][:seq, None], rope[1][:seq, None]  # [T, 1, hd/2]: broadcast over heads
+        rope = (rope[0][:seq], rope[1][:seq]) if rope is not None else None  # [T, hd/2]
+        dropout = self.dropout if self.training else 0.0
         if self.fuse_projections:
             weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
             bias = torch.cat((self.wq.bias, self.wk.bias, self.wv.bias)) if self.wq.bias is not None else None
             qkv = linear(x, weight, bias).view(bsz, seq, -1, self.head_dim)
-            qk, v = qkv.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=2)
-            if rope is not None:  # q and k are adjacent in the fused output: rotate both in one pass
-                qk = apply_rope(qk, *rope)
-            q, k = qk.split((self.n_head, self.n_kv_head), dim=2)
+            heads, kv_heads = self.n_head, self.n_kv_head
         else:
             # -1 instead of the head counts: under tensor parallelism each rank holds a slice of the heads.
             q, k, v = (proj(x).view(bsz, seq, -1, self.head_dim) for proj in (self.wq, self.wk, self.wv))
+            qkv, heads, kv_heads = None, q.shape[2], k.shape[2]
+        if use_kernel(qkv if qkv is not None else q, heads, kv_heads, dropout):  # fp32 CPU: scalelm's, with RoPE
+            y = attention(qkv if qkv is not None else torch.cat((q, k, v), dim=2), heads, rope)
+        else:
+            if qkv is not None:
+                q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves n_head / n_kv_head query heads
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves n_head / n_kv_head query heads
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.wo(y.transpose(1, 2).reshape(bsz, seq, -1))
 
 

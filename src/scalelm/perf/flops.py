@@ -111,7 +111,8 @@ UNFUSED_RMSNORM_ELEMS = 18
 
 
 def elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm: bool = True,
-                                stream_bytes: int | None = None, fused_qkv: bool = True) -> float:
+                                stream_bytes: int | None = None, fused_qkv: bool = True,
+                                attention_kernel: bool = False) -> float:
     """HBM bytes one layer's unfused memory-bound ops move per token in the forward pass.
 
     Counted reads+writes: two norms (2h each), two residual adds (3h each), the MLP activation
@@ -124,12 +125,19 @@ def elementwise_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, fused_norm
     matmul outputs' -- autocast over fp32 weights keeps the stream, the norms and the residual adds in fp32
     while q/k/v, the MLP activation and the attention output are bf16, and casts each norm output once per
     matmul that reads it (see `replicated_elementwise_bytes_per_token`).
+
+    `attention_kernel`: scalelm's fp32 CPU attention (frameworks.Framework.fp32_attention_kernel) rotates q and k
+    itself and reads and writes the projections' layouts: no RoPE pass and no layout copies, except the
+    concatenation of three separate q, k, v projections (`fused_qkv=False`) into the one tensor it reads.
     """
     h, hd, nh, kv, f = cfg.d_model, cfg.dim_head, cfg.n_head, cfg.kv_heads, cfg.ffn_hidden
     matmul_outputs = 3 * f if cfg.mlp == "swiglu" else 2 * f
-    if cfg.pos == "rope":
-        matmul_outputs += 2 * (nh + kv) * hd
-    matmul_outputs += 2 * (nh + 2 * kv) * hd + 2 * h
+    if attention_kernel:
+        matmul_outputs += 0 if fused_qkv else 2 * (nh + 2 * kv) * hd
+    else:
+        if cfg.pos == "rope":
+            matmul_outputs += 2 * (nh + kv) * hd
+        matmul_outputs += 2 * (nh + 2 * kv) * hd + 2 * h
     stream = act_bytes if stream_bytes is None else stream_bytes
     replicated = replicated_elementwise_bytes_per_token(cfg, stream, fused_norm, act_bytes, fused_qkv)
     return replicated + matmul_outputs * act_bytes

@@ -72,6 +72,11 @@ class Framework:
     tensors they produce stay fp32, so that part of the elementwise work moves 4-byte activations even in a bf16
     run, plus a cast before every matmul that reads a norm output; the matmul outputs (q/k/v, the MLP activation,
     the attention output) are bf16. False: the framework keeps activations in bf16 (Megatron, TE, JAX)."""
+    fp32_attention_kernel: bool = False
+    """fp32 attention by scalelm's CPU kernel (model/cpu_attention.py), which applies RoPE itself, reads q, k, v
+    where the projection wrote them and writes its output in the layout the output projection reads: no RoPE pass
+    and no layout copies (flops.elementwise_bytes_per_token). scalelm's fp32 runs are CPU runs in practice; an fp32
+    GPU run would take SDPA and move those few bytes per token after all."""
     defaults: dict = field(default_factory=dict)
 
 
@@ -128,7 +133,7 @@ PROFILES: dict[str, Framework] = {
     # FSDP2 without a MixedPrecisionPolicy: fp32 parameters gathered and fp32 gradients reduced. q/k/v run as one
     # matmul except under tensor parallelism; w1 and w3 always as two (scalelm.model.gpt).
     "scalelm": Framework("scalelm", elementwise_factor=1.0, fused_norm=False, fp32_stream=True,
-                         fused_qkv_under_tp=False, fused_gate_up=False,
+                         fused_qkv_under_tp=False, fused_gate_up=False, fp32_attention_kernel=True,
                          grad_comm_bytes=4, param_gather_bytes=4, defaults=_FSDP_DEFAULTS),
 }
 
@@ -157,7 +162,8 @@ def framework_for(text: str | None) -> Framework:
     elif "scalelm" in t or not t:
         fw = PROFILES["scalelm"]
     else:
-        fw = replace(PROFILES["scalelm"], name=f"generic ({text})", fp32_stream=False, grad_comm_bytes=2,
+        fw = replace(PROFILES["scalelm"], name=f"generic ({text})", fp32_stream=False, fp32_attention_kernel=False,
+                     grad_comm_bytes=2,
                      param_gather_bytes=2)
     if "compile" in t and fw.elementwise_factor > COMPILE_ELEMENTWISE_FACTOR:
         fw = replace(fw, elementwise_factor=COMPILE_ELEMENTWISE_FACTOR, fused_norm=True)

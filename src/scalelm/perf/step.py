@@ -109,7 +109,9 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
         scores_f = compute.memory_bound_s(softmax_bytes_per_token(cfg, seq, fw.dropout) * tokens / tp, hw)
         attn_f, attn_b = qk + pv + scores_f, qk_b + pv_b + 1.2 * scores_f
     stream = 4 if fw.fp32_stream and dtype != "fp8" else act
-    ew = elementwise_bytes_per_token(cfg, act, fw.fused_norm, stream, fused_qkv) * tokens * fw.elementwise_factor
+    kernel = fw.fp32_attention_kernel and dtype == "fp32"
+    ew = (elementwise_bytes_per_token(cfg, act, fw.fused_norm, stream, fused_qkv, kernel) * tokens
+          * fw.elementwise_factor)
     repl = replicated_elementwise_bytes_per_token(cfg, stream, fw.fused_norm, act, fused_qkv) * tokens * fw.elementwise_factor
     ew = ew / tp if lo.sequence_parallel else repl + (ew - repl) / tp
     ew_f = compute.memory_bound_s(ew + cast_f, hw)

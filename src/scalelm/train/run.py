@@ -15,6 +15,7 @@ from scalelm.config import Config, ConfigError, to_toml
 from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
 from scalelm.layout_rules import resolve_optimizer
 from scalelm.model.counting import num_params
+from scalelm.model.cpu_attention import cpu_attention_backend, kernel_available
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import cpu_matmul_backend, onednn_available
 from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice, release_process_groups
@@ -106,6 +107,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
     # The perf model's view of this run; with parallel.auto the planner writes the layout into cfg first.
     forecast = prepare_forecast(cfg, device, world_size, precision.name)
     matmul = _choose_cpu_matmul(cfg, device, precision.name)
+    own_attention = (device.type == "cpu" and precision.name == "fp32" and cfg.train.cpu_attention == "auto"
+                     and kernel_available())
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
     muon_ns = _muon_ns_dtype(device) if cfg.optim.name == "muon" else "bf16"
@@ -172,12 +175,12 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
     logger.print(f"model {cfg.model.preset or 'custom'}: {num_params(cfg.model):,} parameters, "
                  f"{trainer.flops_per_token / 1e6:.1f} MFLOP/token; data {data_dir.name} "
                  f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}"
-                 f"{f', matmul {matmul}' if matmul else ''}"
+                 f"{f', matmul {matmul}' if matmul else ''}{', scalelm attention kernel' if own_attention else ''}"
                  f"{f', Muon orthogonalizes in {muon_ns}' if cfg.optim.name == 'muon' else ''}; "
                  f"{peak_note}")
     logger.print(forecast.line())
     try:
-        with cpu_matmul_backend(matmul or "blas"):
+        with cpu_matmul_backend(matmul or "blas"), cpu_attention_backend(cfg.train.cpu_attention):
             return trainer.fit()
     finally:
         logger.close()

@@ -1,0 +1,183 @@
+"""Causal fp32 attention on CPU by scalelm's own kernel, where it beats PyTorch's flash attention.
+
+PyTorch's CPU flash-attention kernel tiles queries in blocks of 32–64 rows and runs one small GEMM per tile pair;
+on a 64-wide head at a few hundred positions that runs at about a third of a core's fp32 peak. There the
+[T, T] scores of one (batch, head) pair fit a core's L2 cache, so `csrc/cpu_attention.cpp` gives each thread whole
+(batch, head) pairs, runs BLAS GEMMs over all the keys a block of query rows may see (the causal upper-right blocks
+skipped), and keeps one log-sum-exp per row for the backward, as FlashAttention-2 does. Forward plus backward of
+the shakespeare-char model's attention (32 × 4 heads × 256 × 64) takes ~30 ms per layer on 2 cores against flash
+attention's ~43 (docs/benchmarks.md). No library offers a faster fp32 CPU attention to use instead: Inductor's
+compiled matmul attention and its C++ GEMM templates (max-autotune) were slower still (70–75 ms).
+
+The kernel is a C++ extension built on first use with the machine's compiler (the one torch.compile uses) for
+this CPU (`-march=native`; the build cache is keyed by source, torch version and CPU), a few seconds once per
+machine. Where it cannot be built, or for anything but plain fp32 CPU tensors without dropout, the model takes
+`F.scaled_dot_product_attention`. The choice is process-wide, like `torch.backends` flags:
+`set_cpu_attention("auto" | "sdpa")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
+
+BACKENDS = ("auto", "sdpa")
+SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+MAX_SEQ = 2048
+"""Longer sequences go to flash attention: one block of scores stops fitting the cache."""
+BLOCK = 64
+"""Query rows per block: the causal triangle is skipped in 64-row steps (measured best of 64, 128, 256)."""
+
+_backend = "auto"
+_loaded: bool | None = None  # None: not tried yet
+
+
+def set_cpu_attention(backend: str) -> None:
+    """"auto": scalelm's kernel for plain fp32 CPU attention where it builds; "sdpa": always PyTorch's."""
+    global _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"cpu attention backend must be one of {BACKENDS}, got {backend!r}")
+    _backend = backend
+
+
+def cpu_attention() -> str:
+    return _backend
+
+
+@contextmanager
+def cpu_attention_backend(backend: str) -> Iterator[None]:
+    """`set_cpu_attention(backend)` for the duration of a block, then the previous choice again."""
+    before = _backend
+    set_cpu_attention(backend)
+    try:
+        yield
+    finally:
+        set_cpu_attention(before)
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on besides its source: a build for one CPU must not run on another."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing, rather than tracing the build
+def kernel_available() -> bool:
+    """Build (once per machine) and load the extension; False, with one warning, where that fails."""
+    global _loaded
+    if _loaded is None:
+        _loaded = False
+        try:
+            from torch.utils.cpp_extension import load
+
+            key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_signature().encode())
+            load(name=f"scalelm_cpu_attention_{key.hexdigest()[:16]}", sources=[str(SOURCE)],
+                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                 is_python_module=False, verbose=False)
+            _loaded = hasattr(torch.ops.scalelm_cpu_attention, "forward")
+        except Exception as e:  # no compiler, no headers, a failed build: flash attention it is
+            warnings.warn(f"scalelm's CPU attention kernel could not be built ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using PyTorch's "
+                          "scaled_dot_product_attention", stacklevel=2)
+    return _loaded
+
+
+@torch.library.custom_op("scalelm::cpu_attention_fwd", mutates_args=())
+def attention_fwd(qkv: torch.Tensor, heads: int, cos: torch.Tensor | None, sin: torch.Tensor | None, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over the packed projection qkv [B, T, H + 2·KV, D] (q heads, then k, then v), q and k
+    first rotated by cos, sin [T, D/2] when given: (out [B, H, T, D], log-sum-exp [B, H, T])."""
+    out, lse = torch.ops.scalelm_cpu_attention.forward(qkv, heads, cos, sin, scale, BLOCK)
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _(qkv, heads, cos, sin, scale):
+    b, t, _, d = qkv.shape
+    return qkv.new_empty(b, t, heads, d).transpose(1, 2), qkv.new_empty(b, heads, t)
+
+
+@torch.library.custom_op("scalelm::cpu_attention_bwd", mutates_args=())
+def attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int,
+                  cos: torch.Tensor | None, sin: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The gradient with respect to qkv, packed like it (no concatenation of three gradients afterwards)."""
+    return torch.ops.scalelm_cpu_attention.backward(grad_out, qkv, out, lse, heads, cos, sin, scale, BLOCK)
+
+
+@attention_bwd.register_fake
+def _(grad_out, qkv, out, lse, heads, cos, sin, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    qkv, heads, cos, sin, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cos, sin)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, out, lse, cos, sin = ctx.saved_tensors
+    return attention_bwd(_unit_stride(grad_out), qkv, out, lse, ctx.heads, cos, sin, ctx.scale), None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _shapes(qkv_shape, heads: int):
+    """q, k, v shapes [B, H, T, D] as flash attention sees them, grouped kv heads repeated: FLOPs per query head."""
+    b, t, _, d = qkv_shape
+    return (b, heads, t, d), (b, heads, t, d), (b, heads, t, d)
+
+
+@register_flop_formula(torch.ops.scalelm.cpu_attention_fwd)
+def _fwd_flops(qkv_shape, heads, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode counts the kernel's model FLOPs as PyTorch counts SDPA's: the full T × T square."""
+    return sdpa_flop_count(*_shapes(qkv_shape, heads))
+
+
+@register_flop_formula(torch.ops.scalelm.cpu_attention_bwd)
+def _bwd_flops(grad_shape, qkv_shape, out_shape_, lse_shape, heads, *args, out_shape=None, **kwargs) -> int:
+    """Twice the forward: the recomputed scores are not model FLOPs (PyTorch's flash formula counts them)."""
+    return 2 * sdpa_flop_count(*_shapes(qkv_shape, heads))
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def use_kernel(x: torch.Tensor, heads: int, kv_heads: int, dropout_p: float) -> bool:
+    """Whether `attention` may run for projections like x [B, T, heads, D] (q's, or the packed qkv)."""
+    if _backend != "auto" or dropout_p != 0.0 or torch.is_autocast_enabled("cpu"):
+        return False
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+        return False
+    return (0 < x.shape[1] <= MAX_SEQ and x.shape[0] > 0 and 0 < kv_heads and heads % kv_heads == 0
+            and kernel_available())
+
+
+def attention(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal attention by scalelm's kernel (check `use_kernel` first) over qkv [B, T, H + 2·KV, D], q's H heads
+    first, then k's and v's KV (grouped-query: H a multiple of KV); q and k rotated first by rope = (cos, sin)
+    [T, D/2] when given.
+
+    The result is [B, H, T, D] laid out as [B, T, H, D] in memory, so merging the heads afterwards is a view."""
+    cos, sin = (rope[0].float().contiguous(), rope[1].float().contiguous()) if rope is not None else (None, None)
+    out, _ = attention_fwd(_unit_stride(qkv), heads, cos, sin, 1.0 / math.sqrt(qkv.shape[-1]))
+    return out

@@ -4,10 +4,13 @@ PyTorch's CPU flash-attention kernel tiles queries in blocks of 32–64 rows and
 on a 64-wide head at a few hundred positions that runs at about a third of a core's fp32 peak. There the
 [T, T] scores of one (batch, head) pair fit a core's L2 cache, so `csrc/cpu_attention.cpp` gives each thread whole
 (batch, head) pairs, runs BLAS GEMMs over all the keys a block of query rows may see (the causal upper-right blocks
-skipped), and keeps one log-sum-exp per row for the backward, as FlashAttention-2 does. Forward plus backward of
-the shakespeare-char model's attention (32 × 4 heads × 256 × 64) takes ~30 ms per layer on 2 cores against flash
-attention's ~43 (docs/benchmarks.md). No library offers a faster fp32 CPU attention to use instead: Inductor's
-compiled matmul attention and its C++ GEMM templates (max-autotune) were slower still (70–75 ms).
+skipped), and keeps one log-sum-exp per row for the backward, as FlashAttention-2 does. It also rotates q and k
+(RoPE) while they are in cache, reads them where the fused q/k/v projection wrote them and returns their gradient
+packed the same way: no RoPE pass, no layout copies. Forward plus backward of the shakespeare-char model's
+attention (32 × 4 heads × 256 × 64) takes 27–31 ms per layer on 2 cores, RoPE included, against flash attention's
+42–44 without it; the compiled fp32 training step is ~7% faster (docs/benchmarks.md). No library offers a faster
+fp32 CPU attention to use instead: Inductor's compiled matmul attention and its C++ GEMM templates
+(max-autotune) were slower still (70–75 ms).
 
 The kernel is a C++ extension built on first use with the machine's compiler (the one torch.compile uses) for
 this CPU (`-march=native`; the build cache is keyed by source, torch version and CPU), a few seconds once per
@@ -32,7 +35,7 @@ from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 BACKENDS = ("auto", "sdpa")
 SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 MAX_SEQ = 2048
-"""Longer sequences go to flash attention: one block of scores stops fitting the cache."""
+"""Longer sequences go to flash attention, whose tiling is made for them (the kernel is measured at 256)."""
 BLOCK = 64
 """Query rows per block: the causal triangle is skipped in 64-row steps (measured best of 64, 128, 256)."""
 
@@ -87,6 +90,8 @@ def kernel_available() -> bool:
             from torch.utils.cpp_extension import load
 
             key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_signature().encode())
+            # -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the library links to the libgomp
+            # PyTorch has already loaded (same soname), so BLAS inside it knows it runs in a parallel region.
             load(name=f"scalelm_cpu_attention_{key.hexdigest()[:16]}", sources=[str(SOURCE)],
                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)

@@ -8,7 +8,7 @@
 // upper-right blocks are skipped), and keeps only the log-sum-exp per row for the backward, like
 // FlashAttention-2. GEMMs go to ATen's BLAS (MKL on x86 wheels); the softmax is a vectorizable loop.
 // Rotary position embedding is applied here too, to the pair's q and k rows while they are in cache (and undone
-// on their gradients): as a separate PyTorch pass over q and k it cost as much as a tenth of the attention.
+// on their gradients): as separate compiled passes over q and k it cost a quarter as much as flash attention.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -119,27 +119,27 @@ def _(qkv, heads, cos, sin, scale):
 
 
 @torch.library.custom_op("scalelm::cpu_attention_bwd", mutates_args=())
-def attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, heads: int,
+def attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, heads: int,
                   cos: torch.Tensor | None, sin: torch.Tensor | None, scale: float) -> torch.Tensor:
     """The gradient with respect to qkv, packed like it (no concatenation of three gradients afterwards)."""
-    return torch.ops.scalelm_cpu_attention.backward(grad_out, qkv, out, lse, heads, cos, sin, scale, BLOCK)
+    return torch.ops.scalelm_cpu_attention.backward(grad_out, qkv, lse, heads, cos, sin, scale, BLOCK)
 
 
 @attention_bwd.register_fake
-def _(grad_out, qkv, out, lse, heads, cos, sin, scale):
+def _(grad_out, qkv, lse, heads, cos, sin, scale):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     qkv, heads, cos, sin, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cos, sin)
+    _, lse = output  # the output itself is not needed: the kernel's backward does without it
+    ctx.save_for_backward(qkv, lse, cos, sin)
     ctx.heads, ctx.scale = heads, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    qkv, out, lse, cos, sin = ctx.saved_tensors
-    return attention_bwd(_unit_stride(grad_out), qkv, out, lse, ctx.heads, cos, sin, ctx.scale), None, None, None, None
+    qkv, lse, cos, sin = ctx.saved_tensors
+    return attention_bwd(_unit_stride(grad_out), qkv, lse, ctx.heads, cos, sin, ctx.scale), None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -158,7 +158,7 @@ def _fwd_flops(qkv_shape, heads, *args, out_shape=None, **kwargs) -> int:
 
 
 @register_flop_formula(torch.ops.scalelm.cpu_attention_bwd)
-def _bwd_flops(grad_shape, qkv_shape, out_shape_, lse_shape, heads, *args, out_shape=None, **kwargs) -> int:
+def _bwd_flops(grad_shape, qkv_shape, lse_shape, heads, *args, out_shape=None, **kwargs) -> int:
     """Twice the forward: the recomputed scores are not model FLOPs (PyTorch's flash formula counts them)."""
     return 2 * sdpa_flop_count(*_shapes(qkv_shape, heads))
 

@@ -6,7 +6,8 @@
 // single-threaded BLAS GEMMs of that size run at ~95% of peak. So each thread takes whole (batch, head) pairs,
 // computes scores and probabilities for a block of query rows against all keys they may see (causal: the
 // upper-right blocks are skipped), and keeps only the log-sum-exp per row for the backward, like
-// FlashAttention-2. GEMMs go to ATen's BLAS (MKL on x86 wheels); the softmax is a vectorizable loop.
+// FlashAttention-2 (the backward's row term Σ_j P_ij dP_ij comes from the blocks in cache, so the output is not
+// read again). GEMMs go to ATen's BLAS (MKL on x86 wheels); the softmax is a vectorizable loop.
 // Rotary position embedding is applied here too, to the pair's q and k rows while they are in cache (and undone
 // on their gradients): as separate compiled passes over q and k it cost a quarter as much as flash attention.
 #include <ATen/ATen.h>
@@ -193,10 +194,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& qkv, int64_t heads, 
 }
 
 // The gradient with respect to the packed qkv, written in place of the three gradients and their concatenation.
-at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
-                              const at::Tensor& lse, int64_t heads, const c10::optional<at::Tensor>& cos,
+at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse, int64_t heads, const c10::optional<at::Tensor>& cos,
                               const c10::optional<at::Tensor>& sin, double scale, int64_t block) {
-  check(grad_out, "grad_out"), check(out, "out");
+  check(grad_out, "grad_out");
   const auto views = split_heads(qkv, heads);
   const at::Tensor &q = views[0], &k = views[1], &v = views[2];
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1);
@@ -205,15 +205,15 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
   at::Tensor dqkv = at::empty_like(qkv, at::MemoryFormat::Contiguous);
   const auto grads = split_heads(dqkv, heads);
   const at::Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2];
-  const View Q(q), K(k), V(v), O(out), dO(grad_out), dQ(dq), dK(dk), dV(dv);
+  const View Q(q), K(k), V(v), dO(grad_out), dQ(dq), dK(dk), dV(dv);
   const float* L = lse_c.data_ptr<float>();
   const int64_t group = H / KV, bq = std::min<int64_t>(std::max<int64_t>(block, 1), T);
   const float alpha = static_cast<float>(scale);
   // One task per (batch, kv head): the query heads that share a kv head add into the same dK and dV.
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     const int64_t n_s = aligned(bq * T), n_r = aligned(T * D);
-    at::Tensor buf = at::empty({2 * n_s + aligned(T) + 4 * n_r}, q.options());
-    float *P = buf.data_ptr<float>(), *dP = P + n_s, *delta = dP + n_s, *q_rot = delta + aligned(T);
+    at::Tensor buf = at::empty({2 * n_s + 4 * n_r}, q.options());
+    float *P = buf.data_ptr<float>(), *dP = P + n_s, *q_rot = dP + n_s;
     float *k_rot = q_rot + n_r, *dq_rot = k_rot + n_r, *dk_rot = dq_rot + n_r;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, hk = task % KV;
@@ -227,19 +227,12 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
         k0 = k_rot, ldk = D, dk_acc = dk_rot, ld_dk = D;
       }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const float *q0 = Q.at(b, h), *o0 = O.at(b, h), *do0 = dO.at(b, h), *l0 = L + (b * H + h) * T;
+        const float *q0 = Q.at(b, h), *do0 = dO.at(b, h), *l0 = L + (b * H + h) * T;
         int64_t ldq = Q.st, ld_dq = dQ.st;
         float* dq0 = dQ.at(b, h);
         if (rope.on()) {
           rotate(q0, ldq, q_rot, T, D, rope.cos, rope.sin);
           q0 = q_rot, ldq = D, dq0 = dq_rot, ld_dq = D;
-        }
-        for (int64_t t = 0; t < T; ++t) {  // delta_t = dO_t · O_t, the softmax backward's row term
-          const float *x = do0 + t * dO.st, *y = o0 + t * O.st;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < D; ++d) acc += x[d] * y[d];
-          delta[t] = acc;
         }
         // The last row block first: it sees every key, so with beta = 0 it initializes dK and dV (no zero fill).
         for (int64_t r0 = (T - 1) / bq * bq; r0 >= 0; r0 -= bq) {
@@ -259,7 +252,10 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
           gemm(false, true, rows, cols, D, 1.0f, dob, dO.st, v0, V.st, 0.0f, dP, T);   // dP = dO Vᵀ
           for (int64_t i = 0; i < rows; ++i) {  // dS = P ⊙ (dP − delta), times the score scale
             float *p = P + i * T, *dp = dP + i * T;
-            const float di = delta[r0 + i];
+            // delta = Σ_j P_ij dP_ij (= dO_i · O_i, FlashAttention's form, which would read O from memory)
+            float di = 0.0f;
+#pragma omp simd reduction(+ : di)
+            for (int64_t j = 0; j < cols; ++j) di += p[j] * dp[j];
 #pragma omp simd
             for (int64_t j = 0; j < cols; ++j) dp[j] = p[j] * (dp[j] - di) * alpha;
           }
@@ -277,7 +273,7 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
 TORCH_LIBRARY(scalelm_cpu_attention, m) {
   m.def("forward(Tensor qkv, int heads, Tensor? cos, Tensor? sin, float scale, int block) -> Tensor[]",
         &attention_forward);
-  m.def("backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int heads, Tensor? cos, Tensor? sin, "
+  m.def("backward(Tensor grad_out, Tensor qkv, Tensor lse, int heads, Tensor? cos, Tensor? sin, "
         "float scale, int block) -> Tensor",
         &attention_backward);
 }

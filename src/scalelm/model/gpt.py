@@ -16,6 +16,7 @@ from torch import nn
 
 from scalelm.model.config import ModelConfig
 from scalelm.model.cpu_attention import attention, use_kernel
+from scalelm.model.embedding import Embedding
 from scalelm.model.linear import Linear, linear
 
 
@@ -143,7 +144,7 @@ class GPT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})

@@ -19,6 +19,10 @@
 #include <cstdint>
 #include <vector>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // The Fortran BLAS entry point (column-major, 32-bit sizes): PyTorch's CPU library exports it from the BLAS it
@@ -91,17 +95,38 @@ void rotate(const float* src, int64_t ld, float* dst, int64_t T, int64_t D, cons
 }
 
 // The transpose of `rotate`, for gradients: g [T, D] (with respect to rotated rows) -> dst rows (stride ld).
+// dst is the packed gradient, written once and read only by the next GEMM: with AVX, streaming stores skip
+// reading each destination line into cache first (unrotating dq and dk ran at ~3 GB/s without them).
 void unrotate(const float* g, float* dst, int64_t ld, int64_t T, int64_t D, const float* cos, const float* sin) {
   const int64_t half = D / 2;
+#ifdef __AVX__
+  const bool stream = half % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && ld % 8 == 0;
+#else
+  const bool stream = false;
+#endif
   for (int64_t t = 0; t < T; ++t) {
     const float *x = g + t * D, *c = cos + t * half, *s = sin + t * half;
     float* y = dst + t * ld;
+#ifdef __AVX__
+    if (stream) {
+      for (int64_t i = 0; i < half; i += 8) {
+        const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + i + half);
+        const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+        _mm256_stream_ps(y + i, _mm256_add_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)));
+        _mm256_stream_ps(y + i + half, _mm256_sub_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)));
+      }
+      continue;
+    }
+#endif
 #pragma omp simd
     for (int64_t i = 0; i < half; ++i) {
       y[i] = x[i] * c[i] + x[i + half] * s[i];
       y[i + half] = x[i + half] * c[i] - x[i] * s[i];
     }
   }
+#ifdef __AVX__
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered: complete them before anyone reads dst
+#endif
 }
 
 struct Rope {  // optional cos/sin tables [T, D/2]

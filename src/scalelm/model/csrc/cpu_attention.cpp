@@ -129,6 +129,33 @@ void unrotate(const float* g, float* dst, int64_t ld, int64_t T, int64_t D, cons
 #endif
 }
 
+// Rows [T, D] of a thread's scratch (contiguous) to their place in an output (row stride ld), each times
+// scale[t] when given: streaming stores where aligned, as in `unrotate`.
+void store_rows(const float* src, float* dst, int64_t ld, int64_t T, int64_t D, const float* scale) {
+#ifdef __AVX__
+  const bool stream = D % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && ld % 8 == 0;
+#else
+  const bool stream = false;
+#endif
+  for (int64_t t = 0; t < T; ++t) {
+    const float* x = src + t * D;
+    float* y = dst + t * ld;
+    const float f = scale ? scale[t] : 1.0f;
+#ifdef __AVX__
+    if (stream) {
+      const __m256 fv = _mm256_set1_ps(f);
+      for (int64_t i = 0; i < D; i += 8) _mm256_stream_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), fv));
+      continue;
+    }
+#endif
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) y[i] = x[i] * f;
+  }
+#ifdef __AVX__
+  if (stream) _mm_sfence();
+#endif
+}
+
 struct Rope {  // optional cos/sin tables [T, D/2]
   const float *cos = nullptr, *sin = nullptr;
   Rope(const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& s, int64_t T, int64_t D) {
@@ -173,8 +200,10 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& qkv, int64_t heads, 
   const float alpha = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t n_s = aligned(bq * T), n_r = aligned(T * D);
-    at::Tensor buf = at::empty({n_s + 2 * n_r + aligned(bq)}, q.options());  // S, rotated q and k, 1/row sums
-    float *S = buf.data_ptr<float>(), *q_rot = S + n_s, *k_rot = q_rot + n_r, *inv_sum = k_rot + n_r;
+    // S, rotated q and k, a block of output rows, 1/row sums
+    at::Tensor buf = at::empty({n_s + 2 * n_r + aligned(bq * D) + aligned(bq)}, q.options());
+    float *S = buf.data_ptr<float>(), *q_rot = S + n_s, *k_rot = q_rot + n_r, *o_blk = k_rot + n_r;
+    float* inv_sum = o_blk + aligned(bq * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const float *q0 = Q.at(b, h), *k0 = K.at(b, h / group), *v0 = V.at(b, h / group);
@@ -203,15 +232,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& qkv, int64_t heads, 
           inv_sum[i] = 1.0f / sum;
           l0[r0 + i] = m + std::log(sum);
         }
-        // O = P V with P unnormalized, then each output row scaled: D values a row instead of up to T.
-        float* ob = o0 + r0 * O.st;
-        gemm(false, false, rows, D, cols, 1.0f, S, T, v0, V.st, 0.0f, ob, O.st);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* o = ob + i * O.st;
-          const float inv = inv_sum[i];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-        }
+        // O = P V with P unnormalized, then each output row scaled on its way out: D values a row, not up to T.
+        gemm(false, false, rows, D, cols, 1.0f, S, T, v0, V.st, 0.0f, o_blk, D);
+        store_rows(o_blk, o0 + r0 * O.st, O.st, rows, D, inv_sum);
       }
     }
   });
@@ -237,27 +260,24 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
   // One task per (batch, kv head): the query heads that share a kv head add into the same dK and dV.
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     const int64_t n_s = aligned(bq * T), n_r = aligned(T * D);
-    at::Tensor buf = at::empty({2 * n_s + 4 * n_r}, q.options());
+    // P, dP, rotated q and k, and dq, dk, dv accumulated here and written out once (streaming stores)
+    at::Tensor buf = at::empty({2 * n_s + 5 * n_r}, q.options());
     float *P = buf.data_ptr<float>(), *dP = P + n_s, *q_rot = dP + n_s;
-    float *k_rot = q_rot + n_r, *dq_rot = k_rot + n_r, *dk_rot = dq_rot + n_r;
+    float *k_rot = q_rot + n_r, *dq_acc = k_rot + n_r, *dk_acc = dq_acc + n_r, *dv_acc = dk_acc + n_r;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, hk = task % KV;
       const float *k0 = K.at(b, hk), *v0 = V.at(b, hk);
       int64_t ldk = K.st;
-      float *dk0 = dK.at(b, hk), *dv0 = dV.at(b, hk);
-      float* dk_acc = dk0;  // dK accumulates in place, or for rotated keys in dk_rot until it is unrotated
-      int64_t ld_dk = dK.st;
       if (rope.on()) {
         rotate(k0, ldk, k_rot, T, D, rope.cos, rope.sin);
-        k0 = k_rot, ldk = D, dk_acc = dk_rot, ld_dk = D;
+        k0 = k_rot, ldk = D;
       }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const float *q0 = Q.at(b, h), *do0 = dO.at(b, h), *l0 = L + (b * H + h) * T;
-        int64_t ldq = Q.st, ld_dq = dQ.st;
-        float* dq0 = dQ.at(b, h);
+        int64_t ldq = Q.st;
         if (rope.on()) {
           rotate(q0, ldq, q_rot, T, D, rope.cos, rope.sin);
-          q0 = q_rot, ldq = D, dq0 = dq_rot, ld_dq = D;
+          q0 = q_rot, ldq = D;
         }
         // The last row block first: it sees every key, so with beta = 0 it initializes dK and dV (no zero fill).
         for (int64_t r0 = (T - 1) / bq * bq; r0 >= 0; r0 -= bq) {
@@ -273,7 +293,7 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
             for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - l);
             std::fill(p + n, p + cols, 0.0f);
           }
-          gemm(true, false, cols, D, rows, 1.0f, P, T, dob, dO.st, beta, dv0, dV.st);  // dV += Pᵀ dO
+          gemm(true, false, cols, D, rows, 1.0f, P, T, dob, dO.st, beta, dv_acc, D);  // dV += Pᵀ dO
           gemm(false, true, rows, cols, D, 1.0f, dob, dO.st, v0, V.st, 0.0f, dP, T);   // dP = dO Vᵀ
           for (int64_t i = 0; i < rows; ++i) {  // dS = P ⊙ (dP − delta), times the score scale
             float *p = P + i * T, *dp = dP + i * T;
@@ -284,12 +304,15 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
 #pragma omp simd
             for (int64_t j = 0; j < cols; ++j) dp[j] = p[j] * (dp[j] - di) * alpha;
           }
-          gemm(false, false, rows, D, cols, 1.0f, dP, T, k0, ldk, 0.0f, dq0 + r0 * ld_dq, ld_dq);  // dQ = dS K
-          gemm(true, false, cols, D, rows, 1.0f, dP, T, qb, ldq, beta, dk_acc, ld_dk);           // dK += dSᵀ Q
+          gemm(false, false, rows, D, cols, 1.0f, dP, T, k0, ldk, 0.0f, dq_acc + r0 * D, D);  // dQ = dS K
+          gemm(true, false, cols, D, rows, 1.0f, dP, T, qb, ldq, beta, dk_acc, D);          // dK += dSᵀ Q
         }
-        if (rope.on()) unrotate(dq_rot, dQ.at(b, h), dQ.st, T, D, rope.cos, rope.sin);
+        if (rope.on()) unrotate(dq_acc, dQ.at(b, h), dQ.st, T, D, rope.cos, rope.sin);
+        else store_rows(dq_acc, dQ.at(b, h), dQ.st, T, D, nullptr);
       }
-      if (rope.on()) unrotate(dk_rot, dk0, dK.st, T, D, rope.cos, rope.sin);
+      if (rope.on()) unrotate(dk_acc, dK.at(b, hk), dK.st, T, D, rope.cos, rope.sin);
+      else store_rows(dk_acc, dK.at(b, hk), dK.st, T, D, nullptr);
+      store_rows(dv_acc, dV.at(b, hk), dV.st, T, D, nullptr);
     }
   });
   return dqkv;

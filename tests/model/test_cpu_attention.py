@@ -118,7 +118,7 @@ def test_a_failed_build_falls_back_to_sdpa_with_one_warning(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(ca, "_loaded", None)
+    monkeypatch.setattr(ca.cpu_kernels, "_loaded", None)
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler found"):
         assert not ca.kernel_available()

@@ -12,35 +12,30 @@ attention (32 × 4 heads × 256 × 64) takes 27–31 ms per layer on 2 cores, Ro
 fp32 CPU attention to use instead: Inductor's compiled matmul attention and its C++ GEMM templates
 (max-autotune) were slower still (70–75 ms).
 
-The kernel is a C++ extension built on first use with the machine's compiler (the one torch.compile uses) for
-this CPU (`-march=native`; the build cache is keyed by source, torch version and CPU), a few seconds once per
-machine. Where it cannot be built, or for anything but plain fp32 CPU tensors without dropout, the model takes
+The kernel is C++ (`cpu_kernels`: built on first use for this CPU, a few seconds once per machine). Where it
+cannot be built, or for anything but plain fp32 CPU tensors without dropout, the model takes
 `F.scaled_dot_product_attention`. The choice is process-wide, like `torch.backends` flags:
 `set_cpu_attention("auto" | "sdpa")`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import platform
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
+from scalelm.model import cpu_kernels
+
 BACKENDS = ("auto", "sdpa")
-SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 MAX_SEQ = 2048
 """Longer sequences go to flash attention, whose tiling is made for them (the kernel is measured at 256)."""
 BLOCK = 64
 """Query rows per block: the causal triangle is skipped in 64-row steps (measured best of 64, 128, 256)."""
 
 _backend = "auto"
-_loaded: bool | None = None  # None: not tried yet
 
 
 def set_cpu_attention(backend: str) -> None:
@@ -66,41 +61,9 @@ def cpu_attention_backend(backend: str) -> Iterator[None]:
         set_cpu_attention(before)
 
 
-def _cpu_signature() -> str:
-    """What the compiled code depends on besides its source: a build for one CPU must not run on another."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "model name")):
-                flags += line
-                if line.startswith("flags"):
-                    break
-    except OSError:
-        pass
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
-
-
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing, rather than tracing the build
 def kernel_available() -> bool:
-    """Build (once per machine) and load the extension; False, with one warning, where that fails."""
-    global _loaded
-    if _loaded is None:
-        _loaded = False
-        try:
-            from torch.utils.cpp_extension import load
-
-            key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_signature().encode())
-            # -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the library links to the libgomp
-            # PyTorch has already loaded (same soname), so BLAS inside it knows it runs in a parallel region.
-            load(name=f"scalelm_cpu_attention_{key.hexdigest()[:16]}", sources=[str(SOURCE)],
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
-            _loaded = hasattr(torch.ops.scalelm_cpu_attention, "forward")
-        except Exception as e:  # no compiler, no headers, a failed build: flash attention it is
-            warnings.warn(f"scalelm's CPU attention kernel could not be built ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using PyTorch's "
-                          "scaled_dot_product_attention", stacklevel=2)
-    return _loaded
+    """Whether scalelm's CPU kernels are built and loaded (`cpu_kernels.available`)."""
+    return cpu_kernels.available()
 
 
 @torch.library.custom_op("scalelm::cpu_attention_fwd", mutates_args=())

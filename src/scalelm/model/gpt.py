@@ -17,6 +17,7 @@ from torch import nn
 from scalelm.model.config import ModelConfig
 from scalelm.model.cpu_attention import attention, use_kernel
 from scalelm.model.embedding import Embedding
+from scalelm.model.norm import RMSNorm
 from scalelm.model.linear import Linear, linear
 
 
@@ -50,7 +51,7 @@ def sinusoidal_table(max_seq_len: int, d_model: int, device=None) -> torch.Tenso
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 

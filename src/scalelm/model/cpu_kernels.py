@@ -1,0 +1,58 @@
+"""scalelm's C++ CPU kernels (`csrc/`), built once per machine on first use.
+
+One library holds them all: the fp32 attention kernel (`cpu_attention`) and RMSNorm's weight gradient (`norm`).
+It is built with the machine's compiler (the one torch.compile uses) for this CPU (`-march=native`), keyed by the
+sources, the torch version and the CPU, a few seconds once. Where it cannot be built, `available()` is False,
+with one warning, and the model takes PyTorch's own operators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "rms_norm.cpp")]
+_loaded: bool | None = None  # None: not tried yet
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on besides its sources: a build for one CPU must not run on another."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing, rather than tracing the build
+def available() -> bool:
+    """Build (once per machine) and load the kernels; False, with one warning, where that fails."""
+    global _loaded
+    if _loaded is None:
+        _loaded = False
+        try:
+            from torch.utils.cpp_extension import load
+
+            key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+                                 + _cpu_signature().encode())
+            # -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the library links to the libgomp
+            # PyTorch has already loaded (same soname), so BLAS inside it knows it runs in a parallel region.
+            load(name=f"scalelm_cpu_kernels_{key.hexdigest()[:16]}", sources=[str(p) for p in SOURCES],
+                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                 is_python_module=False, verbose=False)
+            _loaded = (hasattr(torch.ops.scalelm_cpu_attention, "forward")
+                       and hasattr(torch.ops.scalelm_cpu_norm, "rms_norm_weight_grad"))
+        except Exception as e:  # no compiler, no headers, a failed build: PyTorch's operators it is
+            warnings.warn(f"scalelm's CPU kernels could not be built ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using PyTorch's "
+                          "scaled_dot_product_attention and RMSNorm", stacklevel=2)
+    return _loaded

@@ -1,0 +1,59 @@
+"""RMSNorm whose weight gradient on CPU is scalelm's own pass (`csrc/rms_norm.cpp`) rather than torch.compile's.
+
+Compiled, the norm's backward is one kernel that also sums dy · x̂ over the tokens for the weight, walking the
+[tokens, d] tensors in 16-column strips: 2.7 ms on 8192 × 256 in fp32 on a 2-core CPU, where the input gradient
+alone takes 1.0 ms and the weight's sum streamed row by row 0.7 (docs/benchmarks.md). So on plain fp32 CPU tensors
+the norm is an autograd function whose input gradient stays PyTorch code (torch.compile fuses it with the residual
+adds around it) and whose weight gradient is a custom op it keeps whole. Elsewhere (GPUs, DTensors under sequence
+parallelism, other dtypes) `RMSNorm` is nn.RMSNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from scalelm.model import cpu_kernels
+
+
+@torch.library.custom_op("scalelm::rms_norm_weight_grad", mutates_args=())
+def rms_norm_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of grad_out · x · rstd: the weight gradient of RMSNorm for x [..., d], rstd [..., 1]."""
+    return torch.ops.scalelm_cpu_norm.rms_norm_weight_grad(grad_out, x, rstd)
+
+
+@rms_norm_weight_grad.register_fake
+def _(grad_out, x, rstd):
+    return x.new_empty(x.shape[-1])
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return x * rstd * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x * rstd
+        g = grad * weight
+        grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        grad_w = rms_norm_weight_grad(grad.contiguous(), x.contiguous(), rstd.contiguous())
+        return grad_x, grad_w, None
+
+
+def _plain_fp32_cpu(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` over the last dimension, with scalelm's weight gradient on plain fp32 CPU tensors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (len(self.normalized_shape) == 1 and self.weight is not None and self.eps is not None
+                and _plain_fp32_cpu(x) and _plain_fp32_cpu(self.weight) and self.weight.requires_grad
+                and cpu_kernels.available()):
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        return super().forward(x)

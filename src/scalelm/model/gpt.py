@@ -17,8 +17,8 @@ from torch import nn
 from scalelm.model.config import ModelConfig
 from scalelm.model.cpu_attention import attention, use_kernel
 from scalelm.model.embedding import Embedding
-from scalelm.model.norm import RMSNorm
 from scalelm.model.linear import Linear, linear
+from scalelm.model.norm import RMSNorm
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 bit-for-bit the same on any thread count, inside torch.compile without graph breaks, and only where it applies."""
 
 import math
+import os
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -10,8 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from scalelm.model import cpu_attention as ca
-from scalelm.model import get_preset
+from scalelm.model import cpu_kernels, get_preset
 from scalelm.model.gpt import GPT, apply_rope, rope_tables
+
+# The kernels build with the machine's C++ compiler (the one torch.compile needs too); where there is one, a failed
+# build is a failure here, not a skip.
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                reason="no C++ compiler: scalelm's CPU kernels are not built on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_built():
+    assert cpu_kernels.available(), "scalelm's CPU kernels did not build (see the warning above)"
 
 
 def _reference(qkv: torch.Tensor, heads: int, rope) -> torch.Tensor:
@@ -38,7 +50,6 @@ def _run(fn, qkv: torch.Tensor, grad: torch.Tensor):
     (2, 1, 2, 2, 4, True),       # one position
 ])
 def test_kernel_matches_rope_and_sdpa_with_gradients(batch, seq, heads, kv, dim, rope):
-    assert ca.kernel_available()
     torch.manual_seed(0)
     qkv = torch.randn(batch, seq, heads + 2 * kv, dim)
     grad = torch.randn(batch, seq, heads, dim).transpose(1, 2)
@@ -148,3 +159,15 @@ def test_scale_is_one_over_sqrt_head_dim():
     scores = (q @ k.T) / math.sqrt(8) + torch.full((5, 5), float("-inf")).triu(1)
     want = torch.softmax(scores, -1) @ v
     torch.testing.assert_close(ca.attention(qkv, 1, None)[0, 0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_broadcast_operands_and_gradients_are_read_as_copies():
+    """BLAS needs rows at least D apart: an input expanded over positions, or the gradient of a sum over positions
+    (stride 0), goes in as a contiguous copy instead of as garbage leading dimensions."""
+    torch.manual_seed(0)
+    base = torch.randn(2, 1, 6, 8)
+    got = _run(lambda x: ca.attention(x.expand(2, 16, 6, 8), 2, None).sum(2), base, torch.ones(2, 2, 8))
+    want = _run(lambda x: _reference(x.expand(2, 16, 6, 8), 2, None).sum(2), base.double(), torch.ones(2, 2, 8))
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=1e-5)

@@ -102,7 +102,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_lse):
     qkv, lse, cos, sin = ctx.saved_tensors
-    return attention_bwd(_unit_stride(grad_out), qkv, lse, ctx.heads, cos, sin, ctx.scale), None, None, None, None
+    return attention_bwd(_rows(grad_out), qkv, lse, ctx.heads, cos, sin, ctx.scale), None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -126,8 +126,12 @@ def _bwd_flops(grad_shape, qkv_shape, lse_shape, heads, *args, out_shape=None, *
     return 2 * sdpa_flop_count(*_shapes(qkv_shape, heads))
 
 
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself where the kernel can read it (rows of D contiguous floats, every other stride at least D, as BLAS
+    leading dimensions must be), else a contiguous copy: a broadcast gradient has stride 0 over positions."""
+    d = t.shape[-1]
+    ok = t.stride(-1) == 1 and all(st >= d or n == 1 for st, n in zip(t.stride()[:-1], t.shape[:-1]))
+    return t if ok else t.contiguous()
 
 
 def use_kernel(x: torch.Tensor, heads: int, kv_heads: int, dropout_p: float) -> bool:
@@ -147,5 +151,5 @@ def attention(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Ten
 
     The result is [B, H, T, D] laid out as [B, T, H, D] in memory, so merging the heads afterwards is a view."""
     cos, sin = (rope[0].float().contiguous(), rope[1].float().contiguous()) if rope is not None else (None, None)
-    out, _ = attention_fwd(_unit_stride(qkv), heads, cos, sin, 1.0 / math.sqrt(qkv.shape[-1]))
+    out, _ = attention_fwd(_rows(qkv), heads, cos, sin, 1.0 / math.sqrt(qkv.shape[-1]))
     return out

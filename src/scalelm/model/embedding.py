@@ -49,6 +49,6 @@ class Embedding(nn.Embedding):
     """`nn.Embedding` whose forward is `embedding` (tensor parallelism and FSDP see an ordinary nn.Embedding)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.padding_idx is not None or self.max_norm is not None or self.sparse:
+        if self.padding_idx is not None or self.max_norm is not None or self.sparse or self.scale_grad_by_freq:
             return super().forward(ids)
         return embedding(ids, self.weight)

@@ -128,8 +128,13 @@ def perf_layout(cfg: Config, world_size: int, precision: str) -> Layout:
 
 
 def framework(cfg: Config) -> Framework:
-    """The `scalelm` framework profile, adjusted for torch.compile when train.compile is on."""
-    return framework_for("scalelm torch.compile" if cfg.train.compile else "scalelm")
+    """The `scalelm` framework profile, adjusted for torch.compile when train.compile is on, and without the fp32
+    attention kernel where this run takes SDPA (train.cpu_attention = sdpa, dropout, sequences beyond its range)."""
+    from scalelm.model.cpu_attention import MAX_SEQ  # here: the CLI imports this module and should not load torch
+
+    fw = framework_for("scalelm torch.compile" if cfg.train.compile else "scalelm")
+    kernel = cfg.train.cpu_attention == "auto" and cfg.model.dropout == 0.0 and cfg.train.seq_len <= MAX_SEQ
+    return fw if kernel else replace(fw, fp32_attention_kernel=False)
 
 
 def describe(lo: Layout, recompute: str = "") -> str:

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #ifdef __AVX__
@@ -40,6 +41,19 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
   sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
 }
 
+// The float with these bits. GCC 11+ and clang have the builtin; memcpy is the portable spelling (and may keep
+// older compilers from vectorizing the loops that use it).
+inline float as_float(int32_t bits) {
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+  return __builtin_bit_cast(float, bits);
+#endif
+#endif
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // exp for x <= 0 (softmax arguments): Cody-Waite range reduction and Cephes' degree-6 polynomial, written so
 // that the compiler vectorizes the loops calling it: libm's expf and std::floor keep them scalar (the rounding is
 // the add-and-subtract of 1.5 · 2^23), and std::max on references compiles to a branch.
@@ -57,7 +71,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  return p * __builtin_bit_cast(float, bits);
+  return p * as_float(bits);
 }
 
 struct View {  // a [B, H, T, D] fp32 tensor with unit stride over D
@@ -69,8 +83,9 @@ struct View {  // a [B, H, T, D] fp32 tensor with unit stride over D
 };
 
 void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1,
-              name, ": expected a [B, H, T, D] fp32 CPU tensor with unit stride over D");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1 &&
+                  (t.stride(2) >= t.size(3) || t.size(2) == 1),
+              name, ": expected a [B, H, T, D] fp32 CPU tensor with unit stride over D and rows at least D apart");
 }
 
 // An output laid out [B, T, H, D] in memory and returned as its [B, H, T, D] view: the model's next step
@@ -177,8 +192,9 @@ int64_t aligned(int64_t n) { return (n + 15) / 16 * 16; }
 
 // q, k and v as [B, heads, T, D] views of the packed projection qkv [B, T, H + 2·KV, D].
 std::vector<at::Tensor> split_heads(const at::Tensor& qkv, int64_t heads) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 4 && qkv.stride(3) == 1,
-              "qkv: expected a [B, T, heads, D] fp32 CPU tensor with unit stride over D");
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && qkv.dim() == 4 && qkv.stride(3) == 1 &&
+                  (qkv.stride(1) >= qkv.size(3) || qkv.size(1) == 1) && (qkv.stride(2) >= qkv.size(3)),
+              "qkv: expected a [B, T, heads, D] fp32 CPU tensor with unit stride over D and rows at least D apart");
   const int64_t kv = (qkv.size(2) - heads) / 2;
   TORCH_CHECK(heads > 0 && kv > 0 && heads + 2 * kv == qkv.size(2) && heads % kv == 0,
               "qkv: ", qkv.size(2), " heads cannot be split into ", heads, " query heads and two equal k, v groups");

@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from scalelm.model import get_preset
-from scalelm.model.cpu_attention import kernel_available, set_cpu_attention
+from scalelm.model import cpu_kernels, get_preset
+from scalelm.model.cpu_attention import set_cpu_attention
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import set_cpu_matmul
 from scalelm.train.host_memory import keep_freed_host_memory
@@ -115,7 +115,7 @@ def main() -> None:
     compiles = [False, True] if args.compile == "both" else [args.compile == "1"]
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"host memory {'kept' if kept else 'system allocator'}, fp32 matmul {matmul}, fp32 attention "
-          f"{'scalelm kernel' if args.cpu_attention == 'auto' and kernel_available() else 'sdpa'}")
+          f"{'scalelm kernel' if args.cpu_attention == 'auto' and cpu_kernels.available() else 'sdpa'}")
     print(f"{'preset':18} {'dtype':5} {'compile':7} {'batch×seq':>10} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'peak':>8} {'MFU':>6} {'mm peak':>8} {'MFU/mm':>7} {'faults/step':>11}")
     for dtype in dtypes:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
 from scalelm.model import cpu_kernels
+from scalelm.model.linear import plain_fp32_cpu
 
 BACKENDS = ("auto", "sdpa")
 MAX_SEQ = 2048
@@ -59,11 +60,6 @@ def cpu_attention_backend(backend: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_attention(before)
-
-
-def kernel_available() -> bool:
-    """Whether scalelm's CPU kernels are built and loaded (`cpu_kernels.available`)."""
-    return cpu_kernels.available()
 
 
 @torch.library.custom_op("scalelm::cpu_attention_fwd", mutates_args=())
@@ -138,10 +134,10 @@ def use_kernel(x: torch.Tensor, heads: int, kv_heads: int, dropout_p: float) -> 
     """Whether `attention` may run for projections like x [B, T, heads, D] (q's, or the packed qkv)."""
     if _backend != "auto" or dropout_p != 0.0 or torch.is_autocast_enabled("cpu"):
         return False
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+    if not plain_fp32_cpu(x) or x.dim() != 4:
         return False
     return (0 < x.shape[1] <= MAX_SEQ and x.shape[0] > 0 and 0 < kv_heads and heads % kv_heads == 0
-            and kernel_available())
+            and cpu_kernels.available())
 
 
 def attention(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -97,14 +97,15 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _plain(t: torch.Tensor | None) -> bool:
+def plain_fp32_cpu(t: torch.Tensor | None) -> bool:
+    """None, or an fp32 CPU tensor that is not a tensor subclass (DTensor): what scalelm's CPU paths take."""
     return t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
                          and t.dtype == torch.float32)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through oneDNN when that backend is chosen and the operands are plain fp32 CPU tensors."""
-    if (_backend == "onednn" and _plain(x) and _plain(weight) and _plain(bias) and x.numel() > 0
+    if (_backend == "onednn" and plain_fp32_cpu(x) and plain_fp32_cpu(weight) and plain_fp32_cpu(bias) and x.numel() > 0
             and not torch.is_autocast_enabled("cpu")):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)

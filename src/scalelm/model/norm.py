@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from scalelm.model import cpu_kernels
+from scalelm.model.linear import plain_fp32_cpu
 
 
 @torch.library.custom_op("scalelm::rms_norm_weight_grad", mutates_args=())
@@ -44,16 +45,12 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def _plain_fp32_cpu(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-
-
 class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` over the last dimension, with scalelm's weight gradient on plain fp32 CPU tensors."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (len(self.normalized_shape) == 1 and self.weight is not None and self.eps is not None
-                and _plain_fp32_cpu(x) and _plain_fp32_cpu(self.weight) and self.weight.requires_grad
+                and plain_fp32_cpu(x) and plain_fp32_cpu(self.weight) and self.weight.requires_grad
                 and cpu_kernels.available()):
             return _RMSNorm.apply(x, self.weight, self.eps)
         return super().forward(x)

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from scalelm.config import Config, ConfigError, to_toml
 from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
 from scalelm.layout_rules import resolve_optimizer
+from scalelm.model import cpu_kernels
 from scalelm.model.counting import num_params
-from scalelm.model.cpu_attention import cpu_attention_backend, kernel_available
+from scalelm.model.cpu_attention import cpu_attention_backend
 from scalelm.model.gpt import GPT
 from scalelm.model.linear import cpu_matmul_backend, onednn_available
 from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice, release_process_groups
@@ -108,7 +109,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
     forecast = prepare_forecast(cfg, device, world_size, precision.name)
     matmul = _choose_cpu_matmul(cfg, device, precision.name)
     own_attention = (device.type == "cpu" and precision.name == "fp32" and cfg.train.cpu_attention == "auto"
-                     and kernel_available())
+                     and cpu_kernels.available())
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
     muon_ns = _muon_ns_dtype(device) if cfg.optim.name == "muon" else "bf16"

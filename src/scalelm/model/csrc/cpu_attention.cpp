@@ -94,6 +94,16 @@ at::Tensor empty_bthd(const at::Tensor& like, int64_t heads) {
   return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options()).transpose(1, 2);
 }
 
+// Whether rows of `width` floats at dst, ld apart, can be written with 32-byte streaming stores.
+bool can_stream(const float* dst, int64_t ld, int64_t width) {
+#ifdef __AVX__
+  return width % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && ld % 8 == 0;
+#else
+  (void)dst, (void)ld, (void)width;
+  return false;
+#endif
+}
+
 // RoPE on T rows of a head (row stride ld) into dst [T, D]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with x1
 // and x2 the two halves of a row and cos, sin [T, D/2] (scalelm.model.gpt.apply_rope).
 void rotate(const float* src, int64_t ld, float* dst, int64_t T, int64_t D, const float* cos, const float* sin) {
@@ -114,11 +124,7 @@ void rotate(const float* src, int64_t ld, float* dst, int64_t T, int64_t D, cons
 // reading each destination line into cache first (unrotating dq and dk ran at ~3 GB/s without them).
 void unrotate(const float* g, float* dst, int64_t ld, int64_t T, int64_t D, const float* cos, const float* sin) {
   const int64_t half = D / 2;
-#ifdef __AVX__
-  const bool stream = half % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && ld % 8 == 0;
-#else
-  const bool stream = false;
-#endif
+  const bool stream = can_stream(dst, ld, half);
   for (int64_t t = 0; t < T; ++t) {
     const float *x = g + t * D, *c = cos + t * half, *s = sin + t * half;
     float* y = dst + t * ld;
@@ -144,27 +150,20 @@ void unrotate(const float* g, float* dst, int64_t ld, int64_t T, int64_t D, cons
 #endif
 }
 
-// Rows [T, D] of a thread's scratch (contiguous) to their place in an output (row stride ld), each times
-// scale[t] when given: streaming stores where aligned, as in `unrotate`.
-void store_rows(const float* src, float* dst, int64_t ld, int64_t T, int64_t D, const float* scale) {
-#ifdef __AVX__
-  const bool stream = D % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && ld % 8 == 0;
-#else
-  const bool stream = false;
-#endif
+// Rows [T, D] of a thread's scratch (contiguous) to their place in an output (row stride ld): streaming stores
+// where aligned, as in `unrotate`.
+void store_rows(const float* src, float* dst, int64_t ld, int64_t T, int64_t D) {
+  const bool stream = can_stream(dst, ld, D);
   for (int64_t t = 0; t < T; ++t) {
     const float* x = src + t * D;
     float* y = dst + t * ld;
-    const float f = scale ? scale[t] : 1.0f;
 #ifdef __AVX__
     if (stream) {
-      const __m256 fv = _mm256_set1_ps(f);
-      for (int64_t i = 0; i < D; i += 8) _mm256_stream_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), fv));
+      for (int64_t i = 0; i < D; i += 8) _mm256_stream_ps(y + i, _mm256_loadu_ps(x + i));
       continue;
     }
 #endif
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) y[i] = x[i] * f;
+    std::copy(x, x + D, y);
   }
 #ifdef __AVX__
   if (stream) _mm_sfence();
@@ -329,11 +328,11 @@ at::Tensor attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
           gemm(true, false, cols, D, rows, 1.0f, dP, T, qb, ldq, beta, dk_acc, D);          // dK += dSᵀ Q
         }
         if (rope.on()) unrotate(dq_acc, dQ.at(b, h), dQ.st, T, D, rope.cos, rope.sin);
-        else store_rows(dq_acc, dQ.at(b, h), dQ.st, T, D, nullptr);
+        else store_rows(dq_acc, dQ.at(b, h), dQ.st, T, D);
       }
       if (rope.on()) unrotate(dk_acc, dK.at(b, hk), dK.st, T, D, rope.cos, rope.sin);
-      else store_rows(dk_acc, dK.at(b, hk), dK.st, T, D, nullptr);
-      store_rows(dv_acc, dV.at(b, hk), dV.st, T, D, nullptr);
+      else store_rows(dk_acc, dK.at(b, hk), dK.st, T, D);
+      store_rows(dv_acc, dV.at(b, hk), dV.st, T, D);
     }
   });
   return dqkv;

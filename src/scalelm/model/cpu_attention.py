@@ -7,7 +7,7 @@ on a 64-wide head at a few hundred positions that runs at about a third of a cor
 skipped), and keeps one log-sum-exp per row for the backward, as FlashAttention-2 does. It also rotates q and k
 (RoPE) while they are in cache, reads them where the fused q/k/v projection wrote them and returns their gradient
 packed the same way: no RoPE pass, no layout copies. Forward plus backward of the shakespeare-char model's
-attention (32 × 4 heads × 256 × 64) takes 27–31 ms per layer on 2 cores, RoPE included, against flash attention's
+attention (32 × 4 heads × 256 × 64) takes 25–27 ms per layer on 2 cores, RoPE included, against flash attention's
 42–44 without it; the compiled fp32 training step is ~7% faster (docs/benchmarks.md). No library offers a faster
 fp32 CPU attention to use instead: Inductor's compiled matmul attention and its C++ GEMM templates
 (max-autotune) were slower still (70–75 ms).

@@ -7,6 +7,7 @@ Every run is a real `scalelm train` (torchrun for the multi-process layouts), fp
 tokens/s is the mean over the logged intervals after the first (warm-up); comm bytes/step is what rank 0 handed
 to collectives during the last logged step (counted in the run: `comm_bytes` in metrics.jsonl). With 2 CPU cores,
 multi-process layouts run 1 thread per process and are compared with 1 process × 2 threads, the same cores.
+Results: docs/benchmarks.md#parallel-layouts.
 """
 
 from __future__ import annotations

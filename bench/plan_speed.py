@@ -1,6 +1,6 @@
 """Acceptance 3: time `scalelm plan` for GPT-3 175B on 1024 A100-80GB (must be <= 2 s on a 2-core machine).
 
-Run: PYTHONPATH=src python bench/plan_speed.py   (prints a table; results go to docs/plan.md)
+Run: python bench/plan_speed.py   (prints a table; results in docs/benchmarks.md#plan-speed)
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from scalelm.cli import main
@@ -27,13 +26,6 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def run_multiprocess(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run for a command that starts several processes (torchrun, `scalelm train --nproc`), tried once
-    more if it fails: on this shared machine a launch very rarely dies before training (a rendezvous or gloo
-    connection race; seen twice in about 60 launches in one session), while a real failure fails twice. The
-    first failure is printed, so a retry is never silent."""
-    for attempt in (1, 2):
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
-        if result.returncode == 0 or attempt == 2:
-            return result
-        print(f"{' '.join(cmd[2:6])}... failed once, retrying:\n{result.stderr[-3000:]}", file=sys.stderr)
-    return result
+    """subprocess.run for a command that starts several processes (torchrun, `scalelm train --nproc`), its output
+    captured for the caller's assertion message. Run once: a launch that fails is a failure to fix."""
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)

@@ -1,5 +1,7 @@
 """The `scalelm` command. Each subcommand parses its arguments and calls one plain function; errors that a
-person can fix print one line and exit with code 2 (never a traceback)."""
+person can fix, argparse's included, print one line `error: ...` and exit with code 2 (never a traceback or a
+usage block); -h/--help anywhere shows the command's help and exits 0. Torch-free to import (`scalelm.perf.cli`
+uses CliParser from here)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import sys
 from pathlib import Path
 
 from scalelm.config import ConfigError
+from scalelm.train.slurm import slurm_script
+from scalelm.usage import HELP, CliParser, UsageError, is_number, wants_help
 
 USAGE = """usage: scalelm COMMAND [ARGS]
 
 commands:
-  train      train a model (no arguments: shakespeare-char on the bundled corpus); --nproc N runs torchrun
+  train      train a model (with no options: shakespeare-char on the bundled corpus); --nproc N runs torchrun
   slurm      write an sbatch script that trains on several nodes (srun + torchrun)
   prepare    text/JSONL files → token shards for training
   generate   continue a prompt with a trained run or checkpoint
@@ -24,11 +28,6 @@ commands:
   calibrate  measure this machine and write a hardware file
 
 `scalelm COMMAND --help` for details."""
-
-
-class UsageError(Exception):
-    pass
-
 
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -76,17 +75,17 @@ def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
+    if wants_help(argv):
         from scalelm.config import all_keys
 
         print("usage: scalelm train [--nproc N] [--parallel auto] [--config FILE.toml] [--SECTION.KEY VALUE ...]\n\n"
               "--nproc N starts N processes with torchrun (the `parallel` section says how they share the work)\n"
               "--parallel auto lets the planner choose that layout for this hardware (= --parallel.auto true;\n"
-              "  hardware: --parallel.hardware NAME|FILE, or the GPU's built-in file, or `scalelm calibrate`'s)\n\n"
+              "  hardware: --parallel.hardware NAME|FILE, or the GPU's built-in file, or `scalelm calibrate`'s)\n"
+              "boolean keys also take --KEY (true) and --no-KEY (false), e.g. --train.compile, --no-metrics.progress\n\n"
               "keys: " + ", ".join(all_keys()))
         return 0
-    from scalelm.config import build_config, load_toml, parse_overrides
-    from scalelm.layout_rules import validate_parallel
+    from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
 
     nproc, argv = _pop_nproc(argv)
     argv = _expand_parallel(argv)
@@ -116,45 +115,10 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-SBATCH_TEMPLATE = """#!/bin/bash
-# Written by `scalelm slurm`; submit with: sbatch {script}
-#SBATCH --job-name={job_name}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
-{gpu_line}#SBATCH --cpus-per-task={cpus}
-#SBATCH --time={time}
-#SBATCH --output=%x-%j.out
-{extra}
-set -euo pipefail
-# One torchrun per node (srun starts them); torchrun starts {nproc} training processes per node and they meet
-# through the c10d rendezvous on the first node of the allocation.
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}
-srun --kill-on-bad-exit=1 python -m torch.distributed.run \\
-    --nnodes "$SLURM_NNODES" --nproc-per-node {nproc} \\
-    --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$head_node:{port}" \\
-    -m scalelm train {train_args}
-"""
-
-
-def slurm_script(nodes: int, nproc_per_node: int, gpus_per_node: int, train_args: list[str], job_name: str = "scalelm",
-                 time: str = "01:00:00", partition: str | None = None, account: str | None = None,
-                 cpus_per_task: int | None = None, port: int = 29500, script: str = "train.sbatch") -> str:
-    """An sbatch script: srun starts one torchrun per node, torchrun the training processes (pure function)."""
-    import shlex
-
-    extra = "".join(f"#SBATCH --{k}={v}\n" for k, v in (("partition", partition), ("account", account)) if v)
-    cpus = cpus_per_task or max(1, 8 * nproc_per_node)
-    return SBATCH_TEMPLATE.format(
-        script=script, job_name=job_name, nodes=nodes, time=time, cpus=cpus, nproc=nproc_per_node, port=port,
-        gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "", extra=extra.rstrip("\n"),
-        threads=max(1, cpus // nproc_per_node), train_args=" ".join(shlex.quote(a) for a in train_args))
-
-
 def cmd_slurm(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="scalelm slurm", description="Write an sbatch script for a multi-node run (srun + torchrun c10d "
-        "rendezvous). Arguments after the options (or after --) are `scalelm train` arguments.")
+    p = CliParser(
+        prog="scalelm slurm", allow_abbrev=False, description="Write an sbatch script for a multi-node run (srun + "
+        "torchrun c10d rendezvous). `scalelm train` arguments follow as --SECTION.KEY VALUE, or after --.")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--nproc-per-node", type=int, default=8, help="training processes per node (default 8)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs to request per node (default: "
@@ -167,12 +131,16 @@ def cmd_slurm(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
     p.add_argument("--script", default="train.sbatch", help="script to write (default train.sbatch; - = stdout); "
                    "--out is the run directory, passed to `scalelm train`")
-    args, train_args = p.parse_known_args(argv)
-    train_args = [a for a in train_args if a != "--"]
+    if any(arg in HELP for arg in argv):  # after `--` too: `scalelm train --help` makes no sbatch script
+        p.print_help()
+        return 0
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, extra = p.parse_known_args(argv[:split])
+    _check_train_args(extra, p)
+    train_args = extra + argv[split + 1:]
     if args.nodes < 1 or args.nproc_per_node < 1:
         raise UsageError("--nodes and --nproc-per-node must be >= 1")
-    from scalelm.config import build_config, load_toml, parse_overrides
-    from scalelm.layout_rules import validate_parallel
+    from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
 
     overrides = parse_overrides(_expand_parallel(train_args))
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
@@ -190,8 +158,29 @@ def cmd_slurm(argv: list[str]) -> int:
     return 0
 
 
+def _check_train_args(extra: list[str], parser: argparse.ArgumentParser) -> None:
+    """What `scalelm slurm` did not recognise must be `scalelm train` arguments (--SECTION.KEY, --seed, --device,
+    --out, --config, --parallel, --no-KEY and values); anything else is a mistyped slurm option."""
+    import difflib
+
+    from scalelm.config import TOP_LEVEL
+
+    for arg in extra:
+        if not arg.startswith("-") or is_number(arg):
+            continue  # a value
+        key = arg.lstrip("-").split("=", 1)[0]
+        key = key[3:] if key.startswith("no-") else key
+        if arg.startswith("--") and ("." in key or key in TOP_LEVEL or key in ("config", "parallel")):
+            continue  # checked by the config when the script is validated below
+        options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+        close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"unknown option {arg.split('=', 1)[0]} for `scalelm slurm`{hint} (`scalelm slurm --help` "
+                         "lists them; `scalelm train` arguments go as --SECTION.KEY VALUE or after --)")
+
+
 def cmd_prepare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="scalelm prepare", description="Tokenize text into training shards.")
+    p = CliParser(prog="scalelm prepare", description="Tokenize text into training shards.")
     p.add_argument("sources", nargs="+", help="text files, directories or JSONL files (with a 'text' field)")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
@@ -209,7 +198,7 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="scalelm generate", description="Continue a prompt with a trained model.")
+    p = CliParser(prog="scalelm generate", description="Continue a prompt with a trained model.")
     p.add_argument("path", help="run directory or checkpoint directory")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -244,7 +233,7 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_info(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="scalelm info", description="Size, FLOPs and weight memory of a preset.")
+    p = CliParser(prog="scalelm info", description="Size, FLOPs and weight memory of a preset.")
     p.add_argument("preset", nargs="?", default=None, help="preset name (or --model.preset)")
     p.add_argument("--model.preset", dest="preset_flag", default=None)
     p.add_argument("--seq", type=int, default=None, help="sequence length for FLOPs (default: the model's)")
@@ -279,7 +268,7 @@ def cmd_info(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="scalelm report", description="Plot a run's metrics to PNG files.")
+    p = CliParser(prog="scalelm report", description="Plot a run's metrics to PNG files.")
     p.add_argument("run_dir")
     args = p.parse_args(argv)
     from scalelm.train.report import write_report
@@ -305,25 +294,33 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`scalelm ARGS` → exit code. Alone, or with -h/--help/help: the command list (it never starts a run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["train"]  # `scalelm` alone trains the default model, like `scalelm train`
-    if argv[0] in ("-h", "--help", "help"):
+    if argv[:1] == ["help"] and argv[1:2] and argv[1] in COMMANDS:
+        argv = [argv[1], "--help"]  # `scalelm help train`
+    if not argv or argv[0] in (*HELP, "help"):
         print(USAGE)
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
         import difflib
 
+        if argv[0].startswith("-"):
+            return _error(f"{argv[0]} needs a command before it, e.g. `scalelm train {argv[0]} ...` "
+                          f"(commands: {', '.join(COMMANDS)})")
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         return _error(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
                       f" (commands: {', '.join(COMMANDS)})")
     try:
         return command(argv[1:])
+    except SystemExit as e:  # argparse after --help (0); kept inside so callers of main() get a code
+        return e.code if isinstance(e.code, int) else _error(str(e.code)) if e.code else 0
     except FileNotFoundError as e:
         return _error(f"{e.strerror}: {e.filename}")
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact — run the same command to resume", file=sys.stderr)
+        # Only a training run has checkpoints to resume from.
+        print("interrupted; the last checkpoint is intact — run the same command to resume" if argv[0] == "train"
+              else "interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if isinstance(e, _user_errors()):

@@ -71,12 +71,29 @@ def test_bundled_configs_load():
 
 
 def test_generate_and_report_from_a_trained_run(tmp_path, capsys):
-    train(tmp_path / "run", "--train.steps", "3", "--train.log_every", "1")
+    from scalelm.data import load_tokenizer
+
+    run = tmp_path / "run"
+    train(run, "--train.steps", "3", "--train.log_every", "1")
     capsys.readouterr()
-    assert main(["generate", str(tmp_path / "run"), "--prompt", "ROMEO:", "--max-new-tokens", "20"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("ROMEO:") and len(out.strip()) >= 20
-    assert main(["report", str(tmp_path / "run")]) == 0
+    tokenizer = load_tokenizer(run / "tokenizer")
+    prompt = tokenizer.encode("ROMEO:")
+
+    def generate(*args: str) -> str:
+        assert main(["generate", str(run), "--prompt", "ROMEO:", *args]) == 0
+        out = capsys.readouterr().out
+        assert out.endswith("\n")
+        return out[:-1]  # print's newline; the text itself may contain newlines
+
+    for n in (0, 1, 20):
+        text = generate("--max-new-tokens", str(n), "--seed", "3")
+        ids = tokenizer.encode(text)  # the char tokenizer: one token per character
+        assert ids[:len(prompt)] == prompt and len(ids) == len(prompt) + n and len(text) == len("ROMEO:") + n
+    hot = ("--max-new-tokens", "20", "--temperature", "1.0")
+    first = generate(*hot, "--seed", "7")
+    assert generate(*hot, "--seed", "7") == first  # the same seed, the same text
+    assert any(generate(*hot, "--seed", str(seed)) != first for seed in (8, 9, 10))  # other seeds sample others
+    assert main(["report", str(run)]) == 0
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert main(["generate", str(tmp_path / "run"), "--prompt", "\u2603"]) == 2
 

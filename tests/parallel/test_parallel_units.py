@@ -8,11 +8,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from scalelm.cli import main, slurm_script, torchrun_command
-from scalelm.config import ConfigError, build_config
-from scalelm.layout_rules import validate_parallel
+from scalelm.cli import main, torchrun_command
+from scalelm.config import ConfigError, build_config, validate_parallel
 from scalelm.parallel.checkpoint import JsonMetadataWriter, SafeReader, canonical_name, read_metadata
 from scalelm.parallel.pipeline import split_layers, stage_ids, stage_owners
+from scalelm.train.slurm import slurm_script
 
 
 def cfg(**flags):

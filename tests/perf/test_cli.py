@@ -40,10 +40,8 @@ def test_plan_errors_are_one_line(argv, needle, capsys):
 
 
 def test_argparse_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main_plan(["--gpus", "many"])
-    assert exc.value.code == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    assert main_plan(["--gpus", "many"]) == 2
+    assert capsys.readouterr().err == "error: argument --gpus: invalid int value: 'many'; see `scalelm plan --help`\n"
 
 
 def test_evaluate_json_and_missing_file(capsys):
@@ -61,24 +59,6 @@ def test_hw_list_and_show(capsys):
     assert rc == 0 and "989.4" in out
     rc, _, err = _run(main_hw, ["show", "z100"], capsys)
     assert rc == 2 and err.startswith("error: ")
-
-
-def test_plan_with_a_calibrated_file(tmp_path, capsys, monkeypatch):
-    """`--hardware local` reads the calibrate output from the cache directory (file written by hand here)."""
-    from scalelm.calibrate import write_toml
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    result = {"matmul": {"peak_tflops": 0.1, "k_overhead": 32.0, "kernel_overhead_us": 5.0,
-                         "shapes": [{"m": 8, "n": 8, "k": 8, "tflops": 0.1}]},
-              "bf16_tflops": 0.05, "memory_tb_s": 0.01, "attention": 0.3,
-              "collectives": {"latency_us": 40.0, "bandwidth_gb_s": 2.0}, "ram_gib": 8.0, "threads": 2, "cpus": 2,
-              "machine": "test", "torch": "x"}
-    path = write_toml(result, tmp_path / "scalelm" / "hardware" / "local.toml")
-    assert "threads = 2" in path.read_text()  # [calibration]: which thread count the file is valid for
-    rc, out, err = _run(main_plan, ["--model", "tiny", "--hardware", "local", "--gpus", "2", "--seq", "64",
-                                    "--global-batch", "8", "--precision", "fp32"], capsys)
-    assert rc == 0, err
-    assert "local" in out
 
 
 def test_calibrate_help_exits_cleanly(capsys):

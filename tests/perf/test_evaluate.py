@@ -52,9 +52,13 @@ def test_json_shape(runs):
 
 
 def test_every_hardware_key_of_the_schema_is_recognized():
+    """Each `gpu` key of the schema loads as that accelerator, with a default inter-node fabric that is itself a
+    known `inter_node` key (what an empty inter_node column becomes); each `inter_node` key loads."""
     for gpu in ("v100-32gb", "a100-40gb", "a100-80gb", "a100-unspecified", "h100-sxm-80gb", "h100-96gb-500w",
                 "h200-141gb", "gb200", "b200", "mi300x", "tpu-v3", "tpu-v4"):
-        assert load_hardware(gpu).network.key  # each device also names its usual fabric
+        hw = load_hardware(gpu)
+        assert hw.key == gpu
+        assert load_network(hw.network.key) == hw.network  # each device names its usual fabric, a known one
     for net in ("ib-hdr-4x200", "ib-hdr-8x200", "ib-ndr-8x400", "opa-4x100", "rdma-8x400", "roce-1600", "roce-3200"):
         assert load_network(net).node_total_gbps > 0
 
@@ -70,10 +74,39 @@ def test_row_that_cannot_be_predicted_gets_a_reason():
     assert res.error_pct is None and "a100-81gb" in res.reason
 
 
-def test_empty_optional_columns_take_framework_defaults():
-    row = dict(_first_row(), micro_batch="", vpp="", sequence_parallel="", inter_node="")
-    res = evaluate_row(row, THROUGHPUT)
-    assert res.error_pct is not None
+def _documented_default(row: dict, column: str) -> str:
+    """What an empty optional column means, written out: the framework profile's default (frameworks.py;
+    sequence parallelism "tp>1" is on exactly when tp > 1), and for inter_node the GPU's usual fabric."""
+    if column == "inter_node":
+        return load_hardware(row["gpu"]).network.key
+    default = row_framework(row).defaults[column]
+    if column == "sequence_parallel":
+        assert default == "tp>1"
+        return "1" if int(row["tp"]) > 1 else "0"
+    return str(default)
+
+
+@pytest.mark.parametrize(("run", "column"), [
+    ("NARAYANAN21-T1-6", "micro_batch"), ("NARAYANAN21-T1-6", "vpp"), ("NARAYANAN21-T1-6", "sequence_parallel"),
+    ("LLMFOUNDRY-a100_80gb-70b-s2048-g64", "inter_node")])
+def test_empty_optional_columns_take_framework_defaults(run, column):
+    """An empty column predicts exactly what the row with the documented default written in predicts. The run
+    states another value, whose prediction differs: the default is what the empty column became."""
+    stated = _row(run)
+    default = _documented_default(stated, column)
+    assert stated[column] != default
+    empty, explicit, as_stated = (evaluate_row(dict(stated, **{column: v}), THROUGHPUT)
+                                  for v in ("", default, stated[column]))
+    assert empty.reason is None and empty.error_pct is not None
+    assert (empty.predicted, empty.error_pct, empty.extra) == (explicit.predicted, explicit.error_pct, explicit.extra)
+    assert empty.predicted != pytest.approx(as_stated.predicted, rel=1e-6)
+
+
+def test_all_empty_optional_columns_give_the_default_layout():
+    row = dict(_row("NARAYANAN21-T1-6"), micro_batch="", vpp="", sequence_parallel="", inter_node="")
+    lo, gbs, seq = row_layout(row, row_framework(row), row_model(row))
+    assert (lo.tp, lo.pp, lo.micro_batch, lo.vpp, lo.schedule, lo.sequence_parallel) == (8, 4, 1, 1, "1f1b", True)
+    assert (gbs, seq) == (int(row["global_batch_seqs"]), 2048)
 
 
 def test_unknown_schema_is_an_error(tmp_path):

@@ -261,7 +261,7 @@ def test_muon_orthogonalizes_in_the_faster_dtype():
 
 
 def test_parallel_overheads_are_what_compute_and_transfer_leave():
-    from scalelm.calibrate_parallel import per_unit_overheads
+    from scalelm.calibrate.parallel import per_unit_overheads
 
     m = {"fsdp_extra": 0.080, "tp_extra": 0.040, "units": 4, "unit_param_bytes": 2_000_000, "activation_bytes": 1_000_000}
     fsdp_us, tp_slowdown = per_unit_overheads(m, lambda size: size / 1e9, lambda size: 2 * size / 1e9)
@@ -388,7 +388,7 @@ def test_narrow_gemm_outputs_and_unfused_projections_cost_what_the_calibration_m
 
 
 def test_the_calibrations_curve_is_the_step_models():
-    """calibrate_matmul.measure_layer_matmul_factor divides compute.curve_seconds by a measured time, and the step
+    """calibrate.matmul.measure_layer_matmul_factor divides compute.curve_seconds by a measured time, and the step
     model multiplies the factor back onto gemm_time_s: at efficiency 1 gemm_time_s must be that curve, for the
     BLAS's speed at calibration time to cancel."""
     from scalelm.perf.compute import curve_seconds, gemm_time_s

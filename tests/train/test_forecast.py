@@ -12,8 +12,7 @@ from helpers import TINY, metrics, run_multiprocess, train
 
 from scalelm.calibrate import write_toml
 from scalelm.cli import main
-from scalelm.config import ConfigError, build_config
-from scalelm.layout_rules import validate_parallel
+from scalelm.config import ConfigError, build_config, validate_parallel
 from scalelm.perf.hardware import load_hardware
 from scalelm.train.checkpoint import checkpoint_dirs
 from scalelm.train.forecast import apply_layout, choose_layout, match_accelerator, perf_layout, predict_run

@@ -26,7 +26,7 @@ def test_cpu_peak_is_the_best_backend_and_auto_picks_it(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(peak, "measure_cpu_matmul_flops",
                         lambda dtype, backend="blas": {"blas": 150e9, "onednn": 200e9}[backend])
-    monkeypatch.setattr("scalelm.model.linear.onednn_available", lambda: True)
+    monkeypatch.setattr("scalelm.kernels.cpu.linear.onednn_available", lambda: True)
     assert peak.cpu_matmul_rates("fp32") == {"blas": 150e9, "onednn": 200e9}
     assert peak.cpu_peak_flops("fp32") == 200e9 and peak.fastest_cpu_matmul("fp32") == "onednn"
     assert peak.cpu_matmul_rates("bf16") == {"blas": 150e9}  # bf16 matmuls are PyTorch's own

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import losses, train
 
 from scalelm.train.muon import Muon
 
@@ -40,3 +41,21 @@ def test_fp32_orthogonalization_stays_close_and_state_loads_into_torch_muon():
         p.grad = torch.ones_like(p)
     opt.step()
     torch.optim.Muon(_params(0), lr=0.02).load_state_dict(opt.state_dict())  # same state layout
+
+
+def test_muon_lowers_the_training_loss_more_than_adamw(tmp_path):
+    """The reason `optim.name=auto` picks Muon: on `tiny`, same seed, data and steps (default learning rates,
+    cosine schedule), Muon on the blocks' matrices ends at a lower training loss than AdamW on everything. Compared
+    on the mean of the last 5 logged losses (3.13 against 3.23 after 60 steps, whichever precision Muon
+    orthogonalizes in): the required 0.05 is half that gap."""
+    steps = 60
+    curves = {}
+    for name in ("adamw", "muon"):
+        assert train(tmp_path / name, "--train.steps", str(steps), "--train.log_every", "1", "--optim.name", name) == 0
+        curves[name] = losses(tmp_path / name)
+        assert sorted(curves[name]) == list(range(1, steps + 1))
+    assert curves["muon"][1] == curves["adamw"][1]  # the first loss is measured before any update
+    start = curves["adamw"][1]
+    adamw, muon = (sum(curves[name][s] for s in range(steps - 4, steps + 1)) / 5 for name in ("adamw", "muon"))
+    assert adamw < start - 1.0  # AdamW trains: the comparison is between two runs that learn
+    assert muon < adamw - 0.05

@@ -83,11 +83,6 @@ def test_schedules_warm_up_then_reach_their_floor(schedule):
         assert f[79] == 1.0 and f[80] < 1.0
 
 
-def test_muon_option_trains(tmp_path):
-    assert train(tmp_path / "m", "--train.steps", "4", "--train.log_every", "2", "--optim.name", "muon") == 0
-    assert losses(tmp_path / "m")[4] < losses(tmp_path / "m")[2] + 0.5
-
-
 def test_fresh_run_in_finished_directory_restarts_cleanly(tmp_path):
     train(tmp_path / "r", "--train.steps", "2", "--train.log_every", "1")
     train(tmp_path / "r", "--train.steps", "2", "--train.log_every", "1", "--checkpoint.resume", "false")

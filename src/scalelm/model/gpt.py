@@ -1,6 +1,7 @@
 """A decoder-only Transformer in plain PyTorch — read it top to bottom.
 
-No parallelism lives here: `scalelm.parallel` shards, wraps and splits this model from the outside. Blocks sit in
+No parallelism and no device-specific code lives here: `scalelm.parallel` shards, wraps and splits this model, and
+`scalelm.kernels` swaps in faster modules for a device, both from the outside. Blocks sit in
 an `nn.ModuleDict` keyed "0", "1", ... so that a pipeline stage can delete the blocks it does not own while the
 parameter names (and so the checkpoints) stay the same on every layout. The embedding, final norm and head may
 be `None` on a pipeline stage that does not own them; `forward` then passes hidden states through.
@@ -15,10 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelm.model.config import ModelConfig
-from scalelm.model.cpu_attention import attention, use_kernel
-from scalelm.model.embedding import Embedding
-from scalelm.model.linear import Linear, linear
-from scalelm.model.norm import RMSNorm
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +26,10 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x [B, heads, T, hd] by the angles of cos/sin [T, hd/2].
+    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x [B, heads, T, hd] by the angles of cos/sin [T, hd/2] (the
+    same positions for every row) or [B, 1, T, hd/2] (each row its own, as in a left-padded batch).
 
-    Written as x·[cos, cos] + [x2, x1]·[−sin, sin]: four kernels instead of seven, which matters on CPUs where
-    these memory-bound passes cost as much as a small matmul."""
+    Written as x·[cos, cos] + [x2, x1]·[−sin, sin]: four elementwise passes instead of seven."""
     half = x.shape[-1] // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
@@ -49,72 +46,98 @@ def sinusoidal_table(max_seq_len: int, d_model: int, device=None) -> torch.Tenso
     return table
 
 
+class KVCache:
+    """Keys and values of every layer for `batch` sequences of up to `max_len` positions, written in place as
+    tokens are decoded, so each new token attends to the past without recomputing it.
+
+    Rows share slots: a batch of prompts of different lengths is left-padded to one length, and `pad[b]` says how
+    many of row b's first slots hold padding. Padding is never attended to and a row's positions count from its
+    first real token, so every row computes what it would alone. Before each forward of n tokens, `prepare(n)`
+    sets the slots they go to, their positions and the attention mask; `advance()` after it makes them the past.
+    Attention reads the whole buffer under the mask, so every decode step has the same shapes (one compiled graph
+    serves them all). Buffers take the dtype, device and head count of the first keys written (a tensor-parallel
+    rank's share)."""
+
+    def __init__(self, n_layer: int, max_len: int, pad: torch.Tensor):
+        self.max_len, self.pad, self.length = max_len, pad, 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.slots = self.positions = self.mask = None
+
+    def prepare(self, n_new: int) -> None:
+        if self.length + n_new > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; {self.length} + {n_new} do not fit")
+        self.slots = torch.arange(self.length, self.length + n_new, device=self.pad.device)
+        self.positions = (self.slots[None, :] - self.pad[:, None]).clamp(min=0)  # [B, T]
+        keys = torch.arange(self.max_len, device=self.pad.device)[None, None, :]
+        visible = (keys <= self.slots[None, :, None]) & (keys >= self.pad[:, None, None])  # causal, no padding
+        self.mask = (visible | (keys == self.slots[None, :, None]))[:, None]  # a pad slot sees itself: no NaN
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's k, v [B, kv_heads, T, hd] of `layer`; return its whole buffers."""
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        self.keys[layer].index_copy_(2, self.slots, k)
+        self.values[layer].index_copy_(2, self.slots, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self) -> None:
+        self.length += len(self.slots)
+
+    def rewind(self, length: int) -> None:
+        """Forget every slot from `length` on (speculative decoding drops the draft tokens the target rejected)."""
+        self.length = min(self.length, length)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads: fp32 on CPU by scalelm's kernel (`cpu_attention`, which
-    applies RoPE itself), otherwise by F.scaled_dot_product_attention.
-
-    q, k and v stay three `nn.Linear`s (tensor parallelism splits each by heads, checkpoints name them), but when
-    `fuse_projections` is set they run as one matmul over their concatenated weights, one [T, 3d] GEMM, a few
-    percent faster on a 2-core CPU (bench/step_ab.py). `apply_tp` turns the fusion off, since each rank's slice of
-    the concatenation would mix q, k and v.
-    """
+    """Causal self-attention with grouped-query heads (n_kv_head k/v heads, each shared by n_head / n_kv_head
+    query heads) by F.scaled_dot_product_attention; RoPE rotates q and k when the model uses it."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_head
-        self.wq = Linear(cfg.d_model, cfg.n_head * cfg.dim_head, bias=cfg.bias)
-        self.wk = Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
-        self.wv = Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
-        self.wo = Linear(cfg.n_head * cfg.dim_head, cfg.d_model, bias=cfg.bias)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.dim_head, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.dim_head, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.dim_head, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.fuse_projections = True
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        rope = (rope[0][:seq], rope[1][:seq]) if rope is not None else None  # [T, hd/2]
+        # -1 instead of the head counts: under tensor parallelism each rank holds a slice of the heads.
+        q, k, v = (proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2) for proj in (self.wq, self.wk, self.wv))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # keys and values of the earlier tokens too (k/v heads cached once each)
+            k, v = cache.update(layer, k, v)
+        if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves n_head / n_kv_head query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if self.fuse_projections:
-            weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
-            bias = torch.cat((self.wq.bias, self.wk.bias, self.wv.bias)) if self.wq.bias is not None else None
-            qkv = linear(x, weight, bias).view(bsz, seq, -1, self.head_dim)
-            heads, kv_heads = self.n_head, self.n_kv_head
-        else:
-            # -1 instead of the head counts: under tensor parallelism each rank holds a slice of the heads.
-            q, k, v = (proj(x).view(bsz, seq, -1, self.head_dim) for proj in (self.wq, self.wk, self.wv))
-            qkv, heads, kv_heads = None, q.shape[2], k.shape[2]
-        if use_kernel(qkv if qkv is not None else q, heads, kv_heads, dropout):  # fp32 CPU: scalelm's, with RoPE
-            y = attention(qkv if qkv is not None else torch.cat((q, k, v), dim=2), heads, rope)
-        else:
-            if qkv is not None:
-                q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves n_head / n_kv_head query heads
-                rep = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        return self.wo(y.transpose(1, 2).reshape(bsz, seq, -1))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=dropout)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seq, -1))  # heads merged back: [B, T, n_head · hd]
 
 
 class MLP(nn.Module):
-    """GELU MLP (w1 → gelu → w2) or SwiGLU (silu(w1 x) · w3 x → w2).
-
-    Unlike q/k/v, w1 and w3 are not fused: measured on a 2-core CPU the [T, 2·ffn] output of one fused GEMM was
-    no faster than two GEMMs (its buffer is large enough to be mapped fresh from the OS on every step)."""
+    """GELU MLP (w1 → gelu → w2) or SwiGLU (silu(w1 x) · w3 x → w2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
-        self.w1 = Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
-        self.w3 = Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if self.gated else None
-        self.w2 = Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias) if self.gated else None
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -133,8 +156,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, cache=cache, layer=layer))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -145,12 +169,12 @@ class GPT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm = make_norm(cfg)
-        self.output = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent: recomputed by init_buffers(), never stored in checkpoints.
@@ -188,20 +212,29 @@ class GPT(nn.Module):
                 module.reset_parameters()
 
     # ---- forward ----------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (or hidden states [B, T, d] on a later pipeline stage) → logits or hidden states."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, d] on a later pipeline stage) → logits or hidden states.
+
+        With a `cache` (generation), the tokens continue what the cache holds: their positions and mask come from
+        it (`cache.prepare(T)` first), their keys and values go into it."""
+        seq = tokens.shape[1]
+        # Positions: 0..T-1 for every row, or per row from the cache ([B, T]: left-padded rows start later).
+        positions = torch.arange(seq, device=tokens.device) if cache is None else cache.positions
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+                h = h + self.pos_embeddings(positions)
             elif self.pos_table is not None:
-                h = h + self.pos_table[: tokens.shape[1]].to(h.dtype)
+                h = h + self.pos_table[positions].to(h.dtype)
             h = self.emb_dropout(h)
         else:
             h = tokens
-        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
-        for block in self.layers.values():
-            h = block(h, rope)
+        rope = None
+        if self.rope_cos is not None:  # [T, hd/2], or [B, 1, T, hd/2] with a cache
+            rope = (self.rope_cos[:seq], self.rope_sin[:seq]) if cache is None else \
+                (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        for name, block in self.layers.items():
+            h = block(h, rope, cache=cache, layer=int(name))
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -21,7 +21,7 @@ _LLAMA3 = dict(vocab_size=128256, max_seq_len=8192, pos="rope", rope_theta=50000
 PRESETS: dict[str, ModelConfig] = {
     # Unit tests and multi-process parity checks: ~40k parameters; heads, kv heads and vocab divide by 2 and 4.
     "tiny": ModelConfig(vocab_size=128, n_layer=4, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64),
-    # The default run: Shakespeare, character level, tuned for 5 minutes on a 2-core CPU (docs/benchmarks.md).
+    # The default run: Shakespeare, character level, sized for 5 minutes on a 2-core CPU (docs/benchmarks.md#make-demo).
     "shakespeare-char": ModelConfig(vocab_size=128, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
     "gpt2-124m": ModelConfig(n_layer=12, n_head=12, d_model=768, **_GPT2),
     "gpt2-355m": ModelConfig(n_layer=24, n_head=16, d_model=1024, **_GPT2),

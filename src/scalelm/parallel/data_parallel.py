@@ -100,6 +100,8 @@ def _times(hook, factor: int, serialize: bool = False):
 def zero1_optimizer(optimizer_class, param_groups: list[dict], dp_mesh: DeviceMesh, **defaults):
     """ZeRO-1: each data-parallel rank keeps the optimizer states of a 1/dp slice of the parameters, steps it,
     and broadcasts the updated slice."""
+    # Imported here, after init_process_group: the import keeps the default group in default arguments, which
+    # release_process_groups drops so that the group can be destroyed.
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class, process_group=dp_mesh.get_group(),

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from scalelm.config import Config
-from scalelm.layout_rules import validate_parallel
+from scalelm.config import Config, validate_parallel
 
 log = logging.getLogger("scalelm.parallel")
 

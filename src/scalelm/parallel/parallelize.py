@@ -12,6 +12,7 @@ import gc
 import importlib
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -46,17 +47,30 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def release_process_groups() -> None:
-    """Destroy the process groups so that gloo's worker threads are joined now, while Python is alive.
+    """Destroy the process groups so that gloo's worker threads are joined now, while Python is alive: a gloo
+    thread still running at interpreter shutdown can abort a rank after a finished run ("terminate called without
+    an active exception", torchrun exit 1). destroy_process_group joins a group's threads only once nothing else
+    holds the group, so first this drops what torch.distributed keeps on its own:
 
-    destroy_process_group alone leaves them running while something still holds the device meshes, and
-    torch.distributed's own caches do: DTensor's sharding propagation and redistribute plans, the mesh topology
-    (functools caches keyed by specs and meshes). The threads then met interpreter shutdown, where a rank could
-    abort after a finished run ("terminate called without an active exception", torchrun exit 1; seen once in
-    ~50 two-process runs). So the caches are emptied first. tests/parallel/test_teardown.py checks TP and FSDP runs;
-    ZeRO-1 (DDP + ZeroRedundancyOptimizer) still leaves one group, held from C++ (not found yet)."""
+    - its caches of device meshes and specs: DTensor's sharding propagation and redistribute plans, the mesh
+      topology (functools caches keyed by specs and meshes);
+    - default arguments that hold the default group: ZeroRedundancyOptimizer's module and
+      torch.distributed.nn.functional write `group=dist.group.WORLD` in signatures, evaluated once, at import. A
+      module imported after init_process_group (ZeRO-1 imports ZeroRedundancyOptimizer when it builds its
+      optimizer) keeps that group for good. They become None, which these functions read as the default group,
+      as they would be had the module been imported first.
+
+    tests/parallel/test_teardown.py checks that no gloo thread is left after TP, FSDP, DDP, ZeRO-1 and PP runs."""
     for obj in gc.get_objects():
-        if type(obj) is functools._lru_cache_wrapper and getattr(obj, "__module__", "").startswith("torch.distributed"):
+        kind = type(obj)
+        if kind not in (functools._lru_cache_wrapper, types.FunctionType):
+            continue
+        if not str(getattr(obj, "__module__", "")).startswith("torch.distributed"):
+            continue
+        if kind is functools._lru_cache_wrapper:
             obj.cache_clear()
+        else:
+            _drop_group_defaults(obj)
     for module, name in (("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),  # incl. the C++ one
                          ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache")):
         try:
@@ -67,6 +81,14 @@ def release_process_groups() -> None:
     gc.collect()  # the model, optimizer and meshes sit in reference cycles (hooks, specs)
     dist.destroy_process_group()
     gc.collect()
+
+
+def _drop_group_defaults(fn: types.FunctionType) -> None:
+    """Replace the process groups among `fn`'s default arguments with None (the default group)."""
+    if fn.__defaults__ and any(isinstance(v, dist.ProcessGroup) for v in fn.__defaults__):
+        fn.__defaults__ = tuple(None if isinstance(v, dist.ProcessGroup) else v for v in fn.__defaults__)
+    if fn.__kwdefaults__ and any(isinstance(v, dist.ProcessGroup) for v in fn.__kwdefaults__.values()):
+        fn.__kwdefaults__ = {k: None if isinstance(v, dist.ProcessGroup) else v for k, v in fn.__kwdefaults__.items()}
 
 
 def rank0_choice(value):

@@ -75,8 +75,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         model.output.weight = model.tok_embeddings.weight
     gated = model.cfg.mlp == "swiglu"
     for block in model.layers.values():
-        # Each rank holds a slice of q, k and v separately; their concatenation would not be a head slice.
-        block.attention.fuse_projections = False
         parallelize_module(block, tp_mesh, block_plan(gated, sequence_parallel))
     log.info("applied tensor parallelism over %d ranks%s", tp_mesh.size(),
              " with sequence parallelism" if sequence_parallel else "")

@@ -1,6 +1,8 @@
 """`scalelm plan`, `scalelm plan evaluate`, `scalelm hw`, `scalelm calibrate`: argv in, exit code out.
 
-Each entry point parses its own argv; bad input prints one line `error: ...` to stderr and returns 2.
+Each entry point parses its own argv; bad input, argparse's usage errors included, prints one line `error: ...` to
+stderr and returns 2; -h/--help anywhere prints the help and exits 0 (argparse's SystemExit, which `scalelm.cli.main`
+turns into the exit code).
 """
 
 from __future__ import annotations
@@ -22,21 +24,19 @@ from scalelm.perf.layout import Layout, LayoutError, check_layout
 from scalelm.perf.planner import RANK_BY, search
 from scalelm.perf.run import estimate_run
 from scalelm.perf.step import predict_step
+from scalelm.usage import CliParser, UsageError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse usage errors: one line, exit 2
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
-        raise SystemExit(2)
-
-
-def _quiet_on_closed_pipe(main):
-    """`scalelm plan ... | head` closes stdout early: stop printing and exit 0 without a traceback."""
+def _entry_point(main):
+    """argv in, exit code out: a usage mistake (CliParser) prints its one line and returns 2; and when
+    `scalelm plan ... | head` closes stdout early, stop printing and exit 0 without a traceback."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str]) -> int:
         try:
             return main(argv)
+        except UsageError as exc:
+            return _fail(str(exc))
         except BrokenPipeError:
             # Point stdout at /dev/null so the interpreter's final flush does not raise again.
             try:
@@ -56,8 +56,8 @@ def _fail(msg: str) -> int:
 
 
 def _plan_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="scalelm plan", description="Predict memory, time, cost and energy of training runs and "
-                "rank the parallel layouts. `scalelm plan evaluate RUNS.csv` compares with published runs.")
+    p = CliParser(prog="scalelm plan", description="Predict memory, time, cost and energy of training runs and "
+                   "rank the parallel layouts. `scalelm plan evaluate RUNS.csv` compares with published runs.")
     p.add_argument("--model", default="gpt2-124m", help=f"preset: {', '.join(PRESETS)}")
     for name in ("n-layer", "d-model", "n-head", "n-kv-head", "d-ff", "vocab-size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's shape")
@@ -109,7 +109,7 @@ def _hardware(args):
     return hw.with_network(args.inter_node) if args.inter_node else hw
 
 
-@_quiet_on_closed_pipe
+@_entry_point
 def main_plan(argv: list[str]) -> int:
     if argv and argv[0] == "evaluate":
         return main_evaluate(argv[1:])
@@ -185,10 +185,10 @@ def main_plan(argv: list[str]) -> int:
     return 0
 
 
-@_quiet_on_closed_pipe
+@_entry_point
 def main_evaluate(argv: list[str]) -> int:
-    p = _Parser(prog="scalelm plan evaluate", description="Predict each published run of a CSV (runs or memory "
-                "schema) and report the error.")
+    p = CliParser(prog="scalelm plan evaluate", description="Predict each published run of a CSV (runs or memory "
+                   "schema) and report the error.")
     p.add_argument("file", help="CSV with the runs schema (tokens_per_s_per_gpu) or memory schema (peak_mem_gib)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -207,10 +207,10 @@ def main_evaluate(argv: list[str]) -> int:
     return 0
 
 
-@_quiet_on_closed_pipe
+@_entry_point
 def main_hw(argv: list[str]) -> int:
-    p = _Parser(prog="scalelm hw", description="List or show the hardware catalog.")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = CliParser(prog="scalelm hw", description="List or show the hardware catalog.")
+    sub = p.add_subparsers(dest="cmd", metavar="list|show", required=True, parser_class=CliParser)
     sub.add_parser("list", help="all built-in accelerators and clusters")
     show = sub.add_parser("show", help="one hardware entry in full")
     show.add_argument("name", help="name, TOML file, or `local`")
@@ -231,10 +231,10 @@ def main_hw(argv: list[str]) -> int:
     return 0
 
 
-@_quiet_on_closed_pipe
+@_entry_point
 def main_calibrate(argv: list[str]) -> int:
-    p = _Parser(prog="scalelm calibrate", description="Measure this machine (matmul by shape, memory bandwidth, "
-                "gloo collectives between local processes) and write a hardware TOML for --hardware local.")
+    p = CliParser(prog="scalelm calibrate", description="Measure this machine (matmul by shape, memory bandwidth, "
+                   "gloo collectives between local processes) and write a hardware TOML for --hardware local.")
     p.add_argument("--out", help=f"where to write (default {local_hardware_path()})")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (~10 s)")
     p.add_argument("--no-collectives", action="store_true", help="skip the 2-process gloo measurement")

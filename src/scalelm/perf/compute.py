@@ -8,7 +8,7 @@ launch and pipeline ramp, as in Calculon's efficiency curves):
 `eff_mm` is the large-GEMM efficiency of the device (hardware file), `k/(k+k0)` the share of a tile's
 time spent in the main loop for inner size k (epilogue and prologue cost ~k0 iterations; small inner
 dimensions such as attention's head_dim or a TP-split row-parallel input lose most), `n/(n+n0)` the
-same for narrow outputs (a TP-split q, k or v projection; measured on CPUs, 0 on GPUs), and the
+same for narrow outputs (a TP-split q, k or v projection; fitted by `scalelm calibrate` on CPUs, 0 on GPUs), and the
 memory term covers skinny GEMMs. Wave quantization is modelled too: output tiles of 128x128 are
 scheduled in waves over the device's compute units, and the last, partial wave runs at its fill.
 """
@@ -72,7 +72,7 @@ def flash_attention_s(fwd_flops_square: float, causal: float, head_dim: int, hw:
     device's `attention` efficiency applies to fwd+bwd, scaled by head_dim/(head_dim + 32): small heads
     leave the tensor cores starved (FlashAttention-2 paper, Fig. 5-7: head_dim 64 ~ 85% of 128's speed).
     `dtype` is the attention's input precision: bf16 for bf16/fp8 training (fused kernels run in 16 bits),
-    fp32 for fp32 training (CPU runs of the `local` hardware, whose attention efficiency is measured in fp32).
+    fp32 for fp32 training (CPU runs of the `local` hardware, whose attention efficiency is calibrated in fp32).
     `tiles` = sequences × heads × 64-row query blocks, each paying the device's `attention_tile_us` (a third in
     the forward).
     """

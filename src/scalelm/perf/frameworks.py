@@ -73,7 +73,7 @@ class Framework:
     run, plus a cast before every matmul that reads a norm output; the matmul outputs (q/k/v, the MLP activation,
     the attention output) are bf16. False: the framework keeps activations in bf16 (Megatron, TE, JAX)."""
     fp32_attention_kernel: bool = False
-    """fp32 attention by scalelm's CPU kernel (model/cpu_attention.py), which applies RoPE itself, reads q, k, v
+    """fp32 attention by scalelm's CPU kernel (scalelm.kernels.cpu.attention), which applies RoPE itself, reads q, k, v
     where the projection wrote them and writes its output in the layout the output projection reads: no RoPE pass
     and no layout copies (flops.elementwise_bytes_per_token). scalelm's fp32 runs are CPU runs in practice; an fp32
     GPU run would take SDPA and move those few bytes per token after all."""

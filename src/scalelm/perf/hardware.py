@@ -60,7 +60,7 @@ class Efficiency:
     """Large-GEMM FLOP efficiency (cuBLAS-class)."""
     matmul_fp32_fast: float | None = None
     """`matmul` for fp32 GEMMs outside tensor parallelism, where the framework runs them on a faster kernel than
-    the one the curve was measured with (scalelm on CPUs: oneDNN instead of BLAS, scalelm.model.linear; under
+    the one the curve was measured with (scalelm on CPUs: oneDNN instead of BLAS, scalelm.kernels.cpu.linear; under
     tensor parallelism and in bf16 the matmuls stay PyTorch's own), as a factor on the same curve (may exceed 1).
     None: `matmul`."""
     matmul_bf16: float | None = None
@@ -71,22 +71,20 @@ class Efficiency:
     k / (k + this) of `matmul` (fixed per-tile cost amortized over the main loop)."""
     matmul_n_overhead: float = 0.0
     """The same for the output width n: n / (n + this). CPU BLAS kernels lose much of their speed on narrow
-    outputs (on the development VM, one MKL thread ran [8192 x 256]·[256 x 128] at 69 GFLOP/s and the
-    same with 384 columns at 89), which the 128-wide tiles of `_wave_efficiency` do not describe; measured by
-    `scalelm calibrate`, 0 for GPUs, whose narrow-output loss the wave model covers."""
+    outputs such as a TP-split q, k or v projection, which the 128-wide tiles of `_wave_efficiency` do not
+    describe; fitted by `scalelm calibrate` on CPUs, 0 for GPUs, whose narrow-output loss the wave model covers."""
     matmul_k_overhead_bf16: float | None = None
     matmul_n_overhead_bf16: float | None = None
-    """k0 and n0 of 16-bit GEMMs where they differ (None: the fp32 ones). On CPUs bf16 runs on other kernels
-    with another curve: on an Intel VM bf16 lost k0 ~ 16-25 against fp32's 40-55, on an AMD VM bf16 oneDNN kept
-    its speed on narrow outputs where fp32 BLAS did not; `scalelm calibrate` fits each dtype's own."""
+    """k0 and n0 of 16-bit GEMMs where they differ (None: the fp32 ones). On CPUs bf16 GEMMs run on other
+    kernels (oneDNN) than fp32 ones (BLAS), with a curve of their own, so `scalelm calibrate` fits each dtype's."""
     memory_bw: float = 0.8
     """Share of HBM bandwidth reached by elementwise/normalization kernels."""
     attention: float = 0.6
     """Fused (flash) attention fwd+bwd efficiency for head_dim -> infinity; head_dim d gets d/(d+32) of it."""
     attention_bf16: float | None = None
-    """The same for 16-bit inputs, where it differs from `attention` (measured on CPUs). A share of the bf16 matmul
-    peak, so it may exceed 1 on a CPU whose flash kernel computes bf16 attention in fp32 at a higher rate than
-    its bf16 GEMMs reach (an Intel VM: bf16 matmuls at half the fp32 rate)."""
+    """The same for 16-bit inputs, where it differs from `attention` (calibrated on CPUs). A share of the bf16
+    matmul peak, so it may exceed 1 on a CPU whose flash kernel computes bf16 attention in fp32 at a higher rate
+    than its bf16 GEMMs reach (a CPU whose bf16 matmuls are slower than its fp32 ones)."""
     clock_derate: float = 1.0
     """Sustained clock under the configured power cap relative to the vendor peak."""
     kernel_overhead_us: float = 4.0
@@ -108,8 +106,8 @@ class Efficiency:
     dispatch and the wait at its all-reduces (a fixed cost; `scalelm calibrate` measures the slowdown below)."""
     tp_comm_slowdown: float = 1.0
     """Tensor-parallel all-reduces inside a step take this many times the isolated all-reduce time. 1 on GPUs (NCCL
-    on its own SMs); on a CPU, gloo's thread shares the cores with compute and the ranks arrive unevenly, 2-4x
-    measured by `scalelm calibrate` (calibrate_parallel.py)."""
+    on its own SMs); on a CPU, gloo's thread shares the cores with compute and the ranks arrive unevenly, so
+    `scalelm calibrate` (scalelm.calibrate.parallel) measures it inside a TP stack of a real step's size."""
     host_op_us: float = 0.0
     """Host time per eager operator (dispatch + autograd) that the device cannot hide. 0 on accelerators: the
     host enqueues kernels asynchronously and runs ahead of them. On a CPU the host *is* the device, so every

@@ -1,11 +1,11 @@
 """Fit a run into a wall-clock budget (`train.time_budget_min`): how many optimizer steps the time allows.
 
-The same config trains at very different speeds on different machines (two 2-core cloud VMs here differ by 1.6x
-on the default run), so a fixed step count cannot promise a finishing time. With a budget, the trainer times its
-first steps, then fixes the run's length once: the most steps (never more than `train.steps`) whose remaining
-training, evaluations and final save fit in what is left. The count is decided before the warm-up ends where it
-can be, so the learning-rate schedule is one smooth curve over the steps actually run; it is saved with the
-checkpoints, and a resumed run keeps it.
+The same config trains at very different speeds on different machines (docs/benchmarks.md#make-demo), so a fixed
+step count cannot promise a finishing time. With a budget, the trainer times its first PROBE_STEPS steps and sets
+the run's length: the most steps (never more than `train.steps`) whose remaining training, evaluations and final
+save fit in what is left. It re-plans at every log step from the mean step time so far, since a shared machine's
+speed drifts. The first count is decided before the warm-up ends where it can be, so the learning-rate schedule
+follows the steps actually run; the count is saved with the checkpoints, and a resumed run keeps it.
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ from typing import Any
 
 import tomllib
 
-from scalelm.config import Config, ConfigError
-from scalelm.layout_rules import muon_fits, resolve_optimizer, validate_parallel
+from scalelm.config import Config, ConfigError, muon_fits, resolve_optimizer, validate_parallel
 from scalelm.perf.frameworks import Framework, framework_for
 from scalelm.perf.hardware import Hardware, HardwareError, load_hardware, local_hardware_path
 from scalelm.perf.layout import Layout
@@ -129,11 +128,13 @@ def perf_layout(cfg: Config, world_size: int, precision: str) -> Layout:
 
 def framework(cfg: Config) -> Framework:
     """The `scalelm` framework profile, adjusted for torch.compile when train.compile is on, and without the fp32
-    attention kernel where this run takes SDPA (train.cpu_attention = sdpa, dropout, sequences beyond its range)."""
-    from scalelm.model.cpu_attention import MAX_SEQ  # here: the CLI imports this module and should not load torch
+    attention kernel where this run takes SDPA (cpu.kernels = false, tensor parallelism, dropout, sequences beyond
+    its range)."""
+    from scalelm.kernels.cpu.attention import MAX_SEQ  # here: the CLI imports this module and should not load torch
 
     fw = framework_for("scalelm torch.compile" if cfg.train.compile else "scalelm")
-    kernel = cfg.train.cpu_attention == "auto" and cfg.model.dropout == 0.0 and cfg.train.seq_len <= MAX_SEQ
+    kernel = (cfg.cpu.kernels and cfg.parallel.tp == 1 and cfg.model.dropout == 0.0
+              and cfg.train.seq_len <= MAX_SEQ)
     return fw if kernel else replace(fw, fp32_attention_kernel=False)
 
 
@@ -292,8 +293,8 @@ def prepare_forecast(cfg: Config, device: Any, world_size: int, precision: str) 
 def launch_flags(cfg: Config, world_size: int) -> tuple[list[str], str]:
     """For `scalelm train --nproc N --parallel auto`: plan once in the parent; returns the explicit flags for the
     ranks and a line to print. Imports torch (device and precision are resolved as the ranks will)."""
+    from scalelm.train.device import resolve_device
     from scalelm.train.precision import resolve_precision
-    from scalelm.train.run import resolve_device
 
     device = resolve_device(cfg.device)
     try:

@@ -3,9 +3,8 @@
 PyTorch allocates CPU tensors with the system malloc. glibc serves large blocks (over a threshold that starts at
 128 KiB and adapts up to 32 MiB) with fresh mmaps and hands free memory at the top of its heap back to the OS, so a
 training step returns its activations at the end of the backward and faults them in again, zero-filled page by page,
-in the next forward. On the compiled fp32 shakespeare-char step that was ~95,000 page faults per step at batch 32 and
-~300,000 at batch 64; keeping the memory made those steps 15–23% and 25–52% faster
-(bench/train_throughput.py --host-memory system|keep, docs/benchmarks.md).
+in the next forward: tens of thousands of page faults per step, which slow a CPU step down
+(docs/benchmarks.md#host-memory).
 
 GPUs avoid this with the CUDA caching allocator; CPU training guides preload jemalloc or tcmalloc. Two `mallopt`
 calls give the same effect for glibc with no preload and no new dependency: no mmap for tensors, no trimming.

@@ -1,11 +1,11 @@
 """Muon whose Newton-Schulz orthogonalization runs in a chosen precision.
 
 `torch.optim.Muon` always orthogonalizes in bf16: right on GPUs and on CPUs with fast bf16 matmuls, but some CPUs
-run bf16 GEMMs at half their fp32 rate (an Intel VM here: 126-150 against 240-290 GFLOP/s). There the default
-run's Muon step took 210 ms in bf16 against ~150 ms in fp32 — a sixth of a 1.3 s step. This class is
-torch's algorithm and state (a `momentum_buffer` per matrix, the same hyper-parameters and learning-rate
-adjustment), so checkpoints move between the two; only the orthogonalization's dtype is a parameter. Written
-out rather than patched because torch's step calls its module-level bf16 function directly.
+run bf16 GEMMs at about half their fp32 rate, and there fp32 makes the orthogonalization, a sizeable share of a
+step, shorter (the trainer picks by measured rates, train/run.py). This class is torch's algorithm and state (a
+`momentum_buffer` per matrix, the same hyper-parameters and learning-rate adjustment), so checkpoints move between
+the two; only the orthogonalization's dtype is a parameter. Written out rather than patched because torch's step
+calls its module-level bf16 function directly.
 """
 
 from __future__ import annotations

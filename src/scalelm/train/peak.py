@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -43,31 +42,30 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
 
 
 def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, seconds_per_size: float = 0.4,
-                             backend: str = "blas") -> float:
-    """Best sustained matmul FLOP/s over square sizes 512–2048 with the current thread count, through `backend`
-    ("blas": torch.mm; "onednn": the kernel scalelm.model.linear routes fp32 linear layers to)."""
-    from scalelm.model.linear import onednn_mm_nt
+                             backend: str = "blas", sizes: tuple[int, ...] = (512, 1024, 1536, 2048)) -> float:
+    """Best matmul FLOP/s over square `sizes` with the current thread count, through `backend` ("blas": torch.mm;
+    "onednn": the kernel scalelm.kernels.cpu.linear routes fp32 linear layers to). Each size runs for about
+    `seconds_per_size` under torch.utils.benchmark.Timer (blocked_autorange, its first calls a warm-up) and gives
+    its median call; the fastest size gives the peak."""
+    from torch.utils.benchmark import Timer
+
+    from scalelm.kernels.cpu.linear import onednn_mm_nt
 
     matmul = torch.mm if backend == "blas" else onednn_mm_nt  # (a · bᵀ for onednn: the same FLOPs)
     best = 0.0
-    for n in (512, 1024, 1536, 2048):
+    for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        for _ in range(2):
-            matmul(a, b)
-        start, reps = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds_per_size:
-            matmul(a, b)
-            reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+        timer = Timer("matmul(a, b)", globals={"matmul": matmul, "a": a, "b": b}, num_threads=torch.get_num_threads())
+        best = max(best, 2 * n**3 / timer.blocked_autorange(min_run_time=seconds_per_size).median)
     return best
 
 
 def cpu_matmul_rates(dtype: str = "fp32", refresh: bool = False) -> dict[str, float]:
     """Measured square-matmul FLOP/s per CPU backend this build has for `dtype`, cached in the user cache directory.
 
-    fp32 has two: PyTorch's BLAS and oneDNN (see scalelm.model.linear); other dtypes go through torch.mm alone
+    fp32 has two: PyTorch's BLAS and oneDNN (see scalelm.kernels.cpu.linear); other dtypes go through torch.mm alone
     (PyTorch already sends CPU bf16 matmuls to oneDNN)."""
-    from scalelm.model.linear import onednn_available
+    from scalelm.kernels.cpu.linear import onednn_available
 
     backends = ["blas"] + (["onednn"] if dtype == "fp32" and onednn_available() else [])
     base = f"{platform.processor() or platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
@@ -99,7 +97,7 @@ def cpu_peak_flops(dtype: str = "fp32", refresh: bool = False) -> float:
 
 
 def fastest_cpu_matmul(dtype: str = "fp32") -> str:
-    """The backend with the higher measured fp32 matmul rate on this CPU: what train.cpu_matmul = auto picks."""
+    """The backend with the higher measured fp32 matmul rate on this CPU: what cpu.matmul = auto picks."""
     rates = cpu_matmul_rates(dtype)
     return max(rates, key=rates.get)
 

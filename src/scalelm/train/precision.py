@@ -29,9 +29,9 @@ class Precision:
 
 
 def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 autocast pays on this CPU. Having AVX512-BF16 is not enough: an AMD EPYC here runs bf16
-    matmuls at 2.3x its fp32 rate, an Intel Xeon with the same flag at about half (126-150 vs 240-290 GFLOP/s,
-    docs/benchmarks.md), so the measured square-matmul rates (cached with the MFU peak) decide."""
+    """Whether bf16 autocast pays on this CPU. Having AVX512-BF16 is not enough: some CPUs with the flag run
+    bf16 matmuls faster than fp32 ones and some slower (docs/benchmarks.md#machines), so the measured
+    square-matmul rates (cached with the MFU peak) decide."""
     return _has_cpu_bf16() and cpu_peak_flops("bf16") > cpu_peak_flops("fp32")
 
 

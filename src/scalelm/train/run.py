@@ -11,17 +11,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scalelm.config import Config, ConfigError, to_toml
+from scalelm.config import Config, ConfigError, resolve_optimizer, to_toml
 from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
-from scalelm.layout_rules import resolve_optimizer
-from scalelm.model import cpu_kernels
+from scalelm.kernels.cpu import apply_cpu_kernels
+from scalelm.kernels.cpu.linear import onednn_available
 from scalelm.model.counting import num_params
-from scalelm.model.cpu_attention import cpu_attention_backend
 from scalelm.model.gpt import GPT
-from scalelm.model.linear import cpu_matmul_backend, onednn_available
 from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice, release_process_groups
 from scalelm.parallel.ac import apply_ac
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
+from scalelm.train.device import resolve_device
 from scalelm.train.forecast import prepare_forecast
 from scalelm.train.host_memory import keep_freed_host_memory
 from scalelm.train.metrics import MetricsLogger
@@ -29,14 +28,6 @@ from scalelm.train.optim import build_optimizers
 from scalelm.train.peak import fastest_cpu_matmul, peak_flops
 from scalelm.train.precision import cpu_bf16_is_faster, resolve_precision
 from scalelm.train.trainer import Trainer, token_loss
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use --device cpu (or auto)")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def build_model(cfg: Config, device: torch.device, seed: int) -> GPT:
@@ -65,7 +56,7 @@ def train(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if device.type == "cpu" and cfg.train.keep_host_memory:
+    if device.type == "cpu" and cfg.cpu.keep_host_memory:
         keep_freed_host_memory()
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -79,13 +70,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _choose_cpu_matmul(cfg: Config, device: torch.device, precision: str) -> str | None:
-    """The fp32 linear layers' GEMM backend per train.cpu_matmul, or None where the choice does not apply (GPU, or
+    """The fp32 linear layers' GEMM backend per cpu.matmul, or None where the choice does not apply (GPU, or
     autocast: those matmuls are PyTorch's own). All ranks use rank 0's choice."""
     if device.type != "cpu" or precision != "fp32":
         return None
-    choice = cfg.train.cpu_matmul
+    choice = cfg.cpu.matmul
     if choice == "onednn" and not onednn_available():
-        raise ConfigError("train.cpu_matmul=onednn but this PyTorch build has no oneDNN (mkldnn); use auto or blas")
+        raise ConfigError("cpu.matmul=onednn but this PyTorch build has no oneDNN (mkldnn); use auto or blas")
     if choice == "auto":
         choice = rank0_choice(fastest_cpu_matmul("fp32"))  # blas where this build has no oneDNN
     return choice
@@ -108,8 +99,6 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
     # The perf model's view of this run; with parallel.auto the planner writes the layout into cfg first.
     forecast = prepare_forecast(cfg, device, world_size, precision.name)
     matmul = _choose_cpu_matmul(cfg, device, precision.name)
-    own_attention = (device.type == "cpu" and precision.name == "fp32" and cfg.train.cpu_attention == "auto"
-                     and cpu_kernels.available())
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
     muon_ns = _muon_ns_dtype(device) if cfg.optim.name == "muon" else "bf16"
@@ -131,6 +120,11 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
         tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
 
     model = build_model(cfg, device, cfg.seed)
+    # CPU speedups are module swaps on the plain model, before any parallelism wraps it. Tensor parallelism's
+    # DTensor shards are left alone; FSDP computes on gathered plain tensors, so its runs keep the kernels.
+    cpu_kernels = []
+    if device.type == "cpu" and (dims is None or dims.tp == 1):
+        cpu_kernels = apply_cpu_kernels(model, matmul=matmul or "blas", kernels=cfg.cpu.kernels)
     parallel = None
     if dims is None:
         apply_ac(model, cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
@@ -173,15 +167,15 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
         logger.print(f"resumed from {resume_from} at step {start_step}")
     if dims is not None:
         logger.print(f"parallel: {dims.describe()}, backend {dist.get_backend()}")
+    kernels_note = f", CPU kernels: {', '.join(cpu_kernels)}" if cpu_kernels else ""
     logger.print(f"model {cfg.model.preset or 'custom'}: {num_params(cfg.model):,} parameters, "
                  f"{trainer.flops_per_token / 1e6:.1f} MFLOP/token; data {data_dir.name} "
                  f"({meta.get('tokenizer', '?')}, vocab {tokenizer.vocab_size}); device {device}, {precision.name}"
-                 f"{f', matmul {matmul}' if matmul else ''}{', scalelm attention kernel' if own_attention else ''}"
+                 f"{f', matmul {matmul}' if matmul else ''}{kernels_note}"
                  f"{f', Muon orthogonalizes in {muon_ns}' if cfg.optim.name == 'muon' else ''}; "
                  f"{peak_note}")
     logger.print(forecast.line())
     try:
-        with cpu_matmul_backend(matmul or "blas"), cpu_attention_backend(cfg.train.cpu_attention):
-            return trainer.fit()
+        return trainer.fit()
     finally:
         logger.close()

@@ -77,7 +77,9 @@ class Trainer:
         self.step = 0
         t = cfg.train
         self.local_batch = t.global_batch // loader.dp_size
-        self.micro_batch = t.micro_batch or self.local_batch
+        # A pipeline splits the local batch itself (its micro-batch count comes from train.micro_batch or
+        # parallel.pp_microbatches, resolved by validate_parallel): no gradient accumulation on top.
+        self.micro_batch = self.local_batch if self.pipeline is not None else (t.micro_batch or self.local_batch)
         self.tokens_per_step = t.global_batch * t.seq_len  # the loss is normalized by the GLOBAL token count
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.params = parallel.norm_params() if parallel else [p for p in model.parameters() if p.requires_grad]

@@ -1,65 +1,35 @@
-"""Causal fp32 attention on CPU by scalelm's own kernel, where it beats PyTorch's flash attention.
+"""Causal attention on CPU by scalelm's own kernel, where it beats PyTorch's flash attention.
 
-PyTorch's CPU flash-attention kernel tiles queries in blocks of 32–64 rows and runs one small GEMM per tile pair;
-on a 64-wide head at a few hundred positions that runs at about a third of a core's fp32 peak. There the
-[T, T] scores of one (batch, head) pair fit a core's L2 cache, so `csrc/cpu_attention.cpp` gives each thread whole
-(batch, head) pairs, runs BLAS GEMMs over all the keys a block of query rows may see (the causal upper-right blocks
-skipped), and keeps one log-sum-exp per row for the backward, as FlashAttention-2 does. It also rotates q and k
-(RoPE) while they are in cache, reads them where the fused q/k/v projection wrote them and returns their gradient
-packed the same way: no RoPE pass, no layout copies. Forward plus backward of the shakespeare-char model's
-attention (32 × 4 heads × 256 × 64) takes 25–27 ms per layer on 2 cores, RoPE included, against flash attention's
-42–44 without it; the compiled fp32 training step is ~7% faster (docs/benchmarks.md). No library offers a faster
-fp32 CPU attention to use instead: Inductor's compiled matmul attention and its C++ GEMM templates
-(max-autotune) were slower still (70–75 ms).
+PyTorch's CPU flash-attention kernel tiles queries in blocks of 32–64 rows and runs one small GEMM per tile pair,
+far below a core's fp32 peak on a 64-wide head at a few hundred positions. There the [T, T] scores of one
+(batch, head) pair fit a core's L2 cache, so `csrc/cpu_attention.cpp` gives each thread whole (batch, head) pairs,
+runs BLAS GEMMs over all the keys a block of query rows may see (the causal upper-right blocks skipped), and keeps
+one log-sum-exp per row for the backward, as FlashAttention-2 does. It also rotates q and k (RoPE) while they are
+in cache and reads them where one fused q/k/v projection wrote them: no RoPE pass, no layout copies
+(docs/benchmarks.md#cpu-kernels-vs-plain-pytorch).
 
-The kernel is C++ (`cpu_kernels`: built on first use for this CPU, a few seconds once per machine). Where it
-cannot be built, or for anything but plain fp32 CPU tensors without dropout, the model takes
-`F.scaled_dot_product_attention`. The choice is process-wide, like `torch.backends` flags:
-`set_cpu_attention("auto" | "sdpa")`.
+`KernelAttention` is the model's `Attention` with that forward: q/k/v as one matmul over the concatenated weights,
+then the kernel; wherever the kernel does not apply (dropout, autocast, long sequences, a DTensor) the fused
+projection feeds `F.scaled_dot_product_attention` as the plain model does, and generation with a KV cache takes
+the plain model's forward.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
-from scalelm.model import cpu_kernels
-from scalelm.model.linear import plain_fp32_cpu
+from scalelm.kernels.cpu import build
+from scalelm.kernels.cpu.linear import onednn_linear, plain_fp32_cpu
+from scalelm.model.gpt import Attention, KVCache, apply_rope
 
-BACKENDS = ("auto", "sdpa")
 MAX_SEQ = 2048
-"""Longer sequences go to flash attention, whose tiling is made for them (the kernel is measured at 256)."""
+"""Longer sequences go to flash attention, whose tiling is made for them."""
 BLOCK = 64
-"""Query rows per block: the causal triangle is skipped in 64-row steps (measured best of 64, 128, 256)."""
-
-_backend = "auto"
-
-
-def set_cpu_attention(backend: str) -> None:
-    """"auto": scalelm's kernel for plain fp32 CPU attention where it builds; "sdpa": always PyTorch's."""
-    global _backend
-    if backend not in BACKENDS:
-        raise ValueError(f"cpu attention backend must be one of {BACKENDS}, got {backend!r}")
-    _backend = backend
-
-
-def cpu_attention() -> str:
-    return _backend
-
-
-@contextmanager
-def cpu_attention_backend(backend: str) -> Iterator[None]:
-    """`set_cpu_attention(backend)` for the duration of a block, then the previous choice again."""
-    before = _backend
-    set_cpu_attention(backend)
-    try:
-        yield
-    finally:
-        set_cpu_attention(before)
+"""Query rows per block: the causal triangle is skipped in 64-row steps (the best of 64, 128 and 256)."""
 
 
 @torch.library.custom_op("scalelm::cpu_attention_fwd", mutates_args=())
@@ -132,12 +102,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def use_kernel(x: torch.Tensor, heads: int, kv_heads: int, dropout_p: float) -> bool:
     """Whether `attention` may run for projections like x [B, T, heads, D] (q's, or the packed qkv)."""
-    if _backend != "auto" or dropout_p != 0.0 or torch.is_autocast_enabled("cpu"):
+    if dropout_p != 0.0 or torch.is_autocast_enabled("cpu"):
         return False
     if not plain_fp32_cpu(x) or x.dim() != 4:
         return False
     return (0 < x.shape[1] <= MAX_SEQ and x.shape[0] > 0 and 0 < kv_heads and heads % kv_heads == 0
-            and cpu_kernels.available())
+            and build.available())
 
 
 def attention(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -149,3 +119,32 @@ def attention(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Ten
     cos, sin = (rope[0].float().contiguous(), rope[1].float().contiguous()) if rope is not None else (None, None)
     out, _ = attention_fwd(_rows(qkv), heads, cos, sin, 1.0 / math.sqrt(qkv.shape[-1]))
     return out
+
+
+class KernelAttention(Attention):
+    """`Attention` with q/k/v fused into one matmul and scalelm's causal kernel; same parameters and state dict.
+
+    `onednn` routes the fused projection through oneDNN as `OneDNNLinear` would (apply_cpu_kernels sets it)."""
+
+    onednn: bool = False
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if cache is not None:  # generation: the plain path, which reads and writes the cache
+            return super().forward(x, rope, cache=cache, layer=layer)
+        bsz, seq, _ = x.shape
+        dropout = self.dropout if self.training else 0.0
+        weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+        bias = torch.cat((self.wq.bias, self.wk.bias, self.wv.bias)) if self.wq.bias is not None else None
+        qkv = (onednn_linear if self.onednn else F.linear)(x, weight, bias).view(bsz, seq, -1, self.head_dim)
+        heads, kv_heads = self.n_head, self.n_kv_head
+        if use_kernel(qkv, heads, kv_heads, dropout):
+            y = attention(qkv, heads, rope)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in qkv.split((heads, kv_heads, kv_heads), dim=2))  # [B, h, T, hd]
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if kv_heads != heads:
+                k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seq, -1))

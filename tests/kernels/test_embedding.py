@@ -4,7 +4,7 @@ torch.compile."""
 import torch
 import torch.nn.functional as F
 
-from scalelm.model.embedding import Embedding, embedding
+from scalelm.kernels.cpu.embedding import ATenBackwardEmbedding, embedding
 
 
 def _grad(fn, ids, weight, grad):
@@ -38,7 +38,7 @@ def test_gradient_is_the_same_on_any_thread_count():
 
 def test_compiled_lookup_keeps_the_backward_whole_and_matches_eager():
     torch.manual_seed(0)
-    table = Embedding(12, 8)
+    table = ATenBackwardEmbedding(12, 8)
     ids = torch.randint(0, 12, (3, 20))
     explained = torch._dynamo.explain(table)(ids)
     assert explained.graph_break_count == 0
@@ -51,7 +51,7 @@ def test_compiled_lookup_keeps_the_backward_whole_and_matches_eager():
 
 
 def test_options_of_nn_embedding_keep_its_own_forward():
-    table = Embedding(12, 8, padding_idx=0)
+    table = ATenBackwardEmbedding(12, 8, padding_idx=0)
     ids = torch.tensor([[0, 3, 0, 5]])
     table(ids).sum().backward()
     assert torch.count_nonzero(table.weight.grad[0]) == 0  # padding row gets no gradient, as in nn.Embedding

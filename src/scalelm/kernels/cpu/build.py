@@ -1,22 +1,23 @@
 """scalelm's C++ CPU kernels (`csrc/`), built once per machine on first use.
 
-One library holds them all: the fp32 attention kernel (`cpu_attention`) and RMSNorm's weight gradient (`norm`).
-It is built with the machine's compiler (the one torch.compile uses) for this CPU (`-march=native`), keyed by the
-sources, the torch version and the CPU, a few seconds once. Where it cannot be built, `available()` is False,
-with one warning, and the model takes PyTorch's own operators.
+One library holds them all: the fp32 attention kernel (`attention`) and RMSNorm's weight gradient (`norm`). It is
+built by torch.utils.cpp_extension with ninja (the `scalelm[cpu]` extra) and the machine's C++ compiler for this
+CPU (`-march=native`), keyed by the sources, the torch version and the CPU, a few seconds once. Where it cannot be
+built (no ninja, no compiler), `available()` is False, one line is logged, and PyTorch's own operators run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
-import warnings
 from pathlib import Path
 
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "rms_norm.cpp")]
 _loaded: bool | None = None  # None: not tried yet
+log = logging.getLogger("scalelm.kernels")
 
 
 def _cpu_signature() -> str:
@@ -35,7 +36,7 @@ def _cpu_signature() -> str:
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing, rather than tracing the build
 def available() -> bool:
-    """Build (once per machine) and load the kernels; False, with one warning, where that fails."""
+    """Build (once per machine) and load the kernels; False, with one logged line, where that fails."""
     global _loaded
     if _loaded is None:
         _loaded = False
@@ -52,7 +53,7 @@ def available() -> bool:
             _loaded = (hasattr(torch.ops.scalelm_cpu_attention, "forward")
                        and hasattr(torch.ops.scalelm_cpu_norm, "rms_norm_weight_grad"))
         except Exception as e:  # no compiler, no headers, a failed build: PyTorch's operators it is
-            warnings.warn(f"scalelm's CPU kernels could not be built ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using PyTorch's "
-                          "scaled_dot_product_attention and RMSNorm", stacklevel=2)
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            log.warning("scalelm's C++ CPU kernels could not be built (%s: %s); using PyTorch's attention and "
+                        "RMSNorm (install the [cpu] extra and a C++ compiler to build them)", type(e).__name__, reason)
     return _loaded

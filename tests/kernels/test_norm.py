@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from scalelm.model import cpu_kernels
-from scalelm.model.norm import RMSNorm
+from scalelm.kernels.cpu import build
+from scalelm.kernels.cpu.norm import KernelRMSNorm
 
 # The kernels build with the machine's C++ compiler (the one torch.compile needs too); where there is one, a failed
 # build is a failure here, not a skip.
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is No
 
 @pytest.fixture(autouse=True)
 def _kernels_built():
-    assert cpu_kernels.available(), "scalelm's CPU kernels did not build (see the warning above)"
+    assert build.available(), "scalelm's CPU kernels did not build (see the logged line above)"
 
 
 def _grads(norm, x, grad):
@@ -32,7 +32,7 @@ def _grads(norm, x, grad):
 @pytest.mark.parametrize("shape", [(4, 37, 24), (1, 1, 8), (600, 16)])  # rows not a multiple of the 256-row chunk
 def test_matches_nn_rmsnorm_with_gradients(shape):
     torch.manual_seed(0)
-    ours = RMSNorm(shape[-1], eps=1e-5)
+    ours = KernelRMSNorm(shape[-1], eps=1e-5)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
     reference = torch.nn.RMSNorm(shape[-1], eps=1e-5)
@@ -44,7 +44,7 @@ def test_matches_nn_rmsnorm_with_gradients(shape):
 
 def test_weight_gradient_is_the_same_on_any_thread_count():
     torch.manual_seed(0)
-    norm, x, grad = RMSNorm(32, eps=1e-5), torch.randn(3000, 32), torch.randn(3000, 32)
+    norm, x, grad = KernelRMSNorm(32, eps=1e-5), torch.randn(3000, 32), torch.randn(3000, 32)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -58,7 +58,7 @@ def test_weight_gradient_is_the_same_on_any_thread_count():
 
 def test_compiled_norm_keeps_the_weight_gradient_whole():
     torch.manual_seed(0)
-    norm, x = RMSNorm(16, eps=1e-5), torch.randn(2, 10, 16)
+    norm, x = KernelRMSNorm(16, eps=1e-5), torch.randn(2, 10, 16)
     explained = torch._dynamo.explain(norm)(x)
     assert explained.graph_break_count == 0
     torch.compile(norm)(x).square().sum().backward()
@@ -69,9 +69,9 @@ def test_compiled_norm_keeps_the_weight_gradient_whole():
 
 
 def test_other_dtypes_and_frozen_weights_take_nn_rmsnorm():
-    norm = RMSNorm(8, eps=1e-5)
+    norm = KernelRMSNorm(8, eps=1e-5)
     x = torch.randn(2, 8, dtype=torch.float64)
     norm64 = norm.double()
     torch.testing.assert_close(norm64(x), torch.nn.functional.rms_norm(x, (8,), norm64.weight, 1e-5))
-    frozen = RMSNorm(8, eps=1e-5).requires_grad_(False)
+    frozen = KernelRMSNorm(8, eps=1e-5).requires_grad_(False)
     assert frozen(torch.randn(2, 8)).grad_fn is None

@@ -1,8 +1,8 @@
 // The weight gradient of RMSNorm, sum over tokens t of dy[t] * x[t] * rstd[t], as its own pass.
 //
 // torch.compile fuses this column sum into the kernel that computes the input gradient, and there it walks the
-// [tokens, d] tensors one 16-column strip at a time (one cache line per row per strip): 2.7 ms for what takes
-// 1.0 + 0.7 ms as two kernels on 8192 × 256 (docs/benchmarks.md). This pass streams the rows in order instead,
+// [tokens, d] tensors one 16-column strip at a time (one cache line per row per strip), slower than the input
+// gradient and a row-streaming sum as two separate passes. This pass streams the rows in order instead,
 // each chunk of rows summed into its own partial row, and the partials added in chunk order: the same bits on
 // any thread count.
 #include <ATen/ATen.h>

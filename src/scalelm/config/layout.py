@@ -7,7 +7,7 @@ planner integration (`train.forecast`) all ask it, so a layout is accepted or re
 
 from __future__ import annotations
 
-from scalelm.config import Config, ConfigError
+from scalelm.config.sections import Config, ConfigError
 
 
 def muon_fits(cfg: Config, tp: int, dp: int) -> bool:
@@ -24,7 +24,8 @@ def resolve_optimizer(cfg: Config, tp: int = 1, dp: int = 1) -> str:
 
 def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, int]:
     """Check the `parallel` section against the model and, when known, the world size; returns the resolved
-    degrees {dp_replicate, dp_shard, tp, pp, stages_per_rank, microbatches}. Messages say what to change."""
+    degrees {dp_replicate, dp_shard, tp, pp, stages_per_rank, microbatches}: microbatches is the pipeline's count
+    (`pipeline_microbatches`), which every consumer takes from here. Messages say what to change."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
     for key in ("dp_replicate", "tp", "pp", "ac_every", "powersgd_rank"):
         if getattr(p, key) < 1:
@@ -69,16 +70,14 @@ def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, i
         if n_stages > m.n_layer:
             raise ConfigError(f"parallel.pp={p.pp} × pp_stages_per_rank={stages_per_rank} = {n_stages} stages but "
                               f"model.n_layer={m.n_layer}; every stage needs a block: lower pp or pp_stages_per_rank")
-        if t.micro_batch:
-            raise ConfigError("with parallel.pp > 1 the pipeline splits the batch: set parallel.pp_microbatches "
-                              "instead of train.micro_batch (leave it 0)")
-    microbatches = p.pp_microbatches or p.pp
-    if p.pp > 1 and p.pp_schedule != "gpipe" and p.pp_schedule != "1f1b" and microbatches % p.pp:
-        raise ConfigError(f"parallel.pp_microbatches={microbatches} must be a multiple of parallel.pp={p.pp} "
-                          f"for the {p.pp_schedule} schedule")
     degrees = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp,
-               "stages_per_rank": stages_per_rank, "microbatches": microbatches}
-    if world_size is None:
+               "stages_per_rank": stages_per_rank}
+    if world_size is None:  # the per-rank batch is known only when dp_shard is explicit
+        dp = p.dp_replicate * p.dp_shard if p.dp_shard > 0 else 0
+        local = t.global_batch // dp if dp and t.global_batch % dp == 0 else None
+        if local is not None and t.micro_batch and local % t.micro_batch:
+            local = None  # refused below once the world size is known
+        degrees["microbatches"], _ = pipeline_microbatches(cfg, local)
         return degrees
     fixed = p.dp_replicate * p.tp * p.pp
     if p.dp_shard == -1:
@@ -101,9 +100,35 @@ def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, i
     if t.micro_batch and local % t.micro_batch:
         raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide the per-rank batch {local} "
                           f"(global_batch / {dp} data-parallel ranks)")
+    degrees["microbatches"], source = pipeline_microbatches(cfg, local)
     if p.pp > 1:
         eval_batch = min(t.global_batch, 32)
-        if local % microbatches or eval_batch % microbatches:
-            raise ConfigError(f"parallel.pp_microbatches={microbatches} must divide the per-rank batch {local} and "
-                              f"the evaluation batch {eval_batch}; change it or train.global_batch")
+        if local % degrees["microbatches"] or eval_batch % degrees["microbatches"]:
+            raise ConfigError(f"{source} must divide the per-rank batch {local} and the evaluation batch "
+                              f"{eval_batch}; change it or train.global_batch")
     return degrees
+
+
+def pipeline_microbatches(cfg: Config, local: int | None) -> tuple[int, str]:
+    """Pipeline micro-batches per optimizer step and the setting they come from (for messages). With pp > 1,
+    train.micro_batch = m means what it means without a pipeline, sequences per forward/backward: the per-rank
+    batch `local` is split into local / m micro-batches; else parallel.pp_microbatches (0 = pp). Setting both
+    is fine only when they agree. `local` None (world size unknown): the count from pp_microbatches or pp."""
+    p, t = cfg.parallel, cfg.train
+    if p.pp > 1 and t.micro_batch and local is not None:
+        n = local // t.micro_batch
+        if p.pp_microbatches and p.pp_microbatches != n:
+            fix = (f" or train.micro_batch={local // p.pp_microbatches}" if local % p.pp_microbatches == 0 else "")
+            raise ConfigError(f"train.micro_batch={t.micro_batch} splits the per-rank batch {local} into {n} pipeline "
+                              f"micro-batches but parallel.pp_microbatches={p.pp_microbatches}; set only one of them: "
+                              f"parallel.pp_microbatches=0{fix}")
+        source = f"train.micro_batch={t.micro_batch} ({local} per-rank / {t.micro_batch} = {n} pipeline micro-batches)"
+    else:
+        n = p.pp_microbatches or p.pp
+        source = f"parallel.pp_microbatches={n}"
+    if p.pp > 1 and p.pp_schedule not in ("gpipe", "1f1b") and n % p.pp:
+        raise ConfigError(f"{source} must be a multiple of parallel.pp={p.pp} for the {p.pp_schedule} schedule")
+    if p.pp > 1 and p.pp_schedule == "1f1b" and n < p.pp:  # torch's Schedule1F1B refuses fewer
+        raise ConfigError(f"{source}: the 1f1b schedule needs at least parallel.pp={p.pp} micro-batches per step; "
+                          f"{'lower train.micro_batch' if source.startswith('train.') else 'raise it'} or use gpipe")
+    return n, source

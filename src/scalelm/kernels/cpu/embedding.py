@@ -1,10 +1,10 @@
 """The token embedding, whose CPU backward is ATen's kernel rather than the one torch.compile writes.
 
 Inductor compiles an embedding's backward (a scatter-add of every token's gradient row into the table) into a
-loop of atomic vector adds; on a 2-core CPU with a small vocabulary every add contends, and the shakespeare-char
-step spent ~5 ms in it. ATen's `embedding_dense_backward` gives each thread its own rows of the table: 0.7 ms for
-the same 8192 × 256 gradient, and the same bits on any thread count. So on CPU the backward is a custom op that
-torch.compile keeps whole; elsewhere (GPUs, DTensor tables under tensor parallelism) `Embedding` is nn.Embedding.
+loop of atomic vector adds; with a small vocabulary on a CPU every add contends. ATen's `embedding_dense_backward`
+gives each thread its own rows of the table instead, and the same bits on any thread count. So on CPU the
+backward is a custom op that torch.compile keeps whole; elsewhere (GPUs, DTensor tables) `ATenBackwardEmbedding`
+is nn.Embedding.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, weight)
 
 
-class Embedding(nn.Embedding):
-    """`nn.Embedding` whose forward is `embedding` (tensor parallelism and FSDP see an ordinary nn.Embedding)."""
+class ATenBackwardEmbedding(nn.Embedding):
+    """`nn.Embedding` whose forward is `embedding`: same parameters, same state dict."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.padding_idx is not None or self.max_norm is not None or self.sparse or self.scale_grad_by_freq:

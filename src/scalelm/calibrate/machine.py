@@ -1,25 +1,18 @@
-"""`scalelm calibrate`: measure this machine and write a hardware TOML the step model can use.
+"""`scalelm calibrate`: measure this machine and write a hardware TOML the step model (`scalelm.perf`) reads.
 
-The only perf module that touches PyTorch, and only inside its functions. It measures, with the thread
-count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process):
+Everything is measured with the thread count PyTorch uses here (OMP_NUM_THREADS; torchrun sets 1 per process),
+since that is what a training run gets, and reported as the median call (calibrate.timing):
 
-* matmul throughput over shapes (median of several calls each): the step model's curve
-  peak·k/(k + k0)·n/(n + n0) is fitted to all of them, giving the fp32 (and bf16) "peak", the inner-dimension
-  penalty k0 and the narrow-output penalty n0 of compute.gemm_time_s; the fixed cost comes from a tiny matmul; then the forward and backward of a stack of
-  linear layers gives the share of that curve GEMMs reach inside a training step (`efficiency.matmul`); where
-  the trainer's fp32 oneDNN path is the faster one, a transformer layer's linear layers run through it give its
-  speed as a factor on the same curve (`efficiency.matmul_fp32_fast`), and the same layer under bf16 autocast a
-  factor on the bf16 curve (`efficiency.matmul_bf16`), both in calibrate_matmul.py;
+* matmul throughput over shapes, fitted to the step model's curve peak·k/(k + k0)·n/(n + n0) (compute.gemm_time_s)
+  per dtype; the fixed cost per kernel from a tiny matmul; the in-step factors on that curve (calibrate.matmul);
 * host time per eager operator (dispatch + autograd), which a CPU cannot overlap with its own compute;
-* memory bandwidth: a large tensor copy (read + write) -> hbm_tb_s with memory_bw efficiency 1.0;
-* attention: causal attention forward+backward in fp32 (scalelm's CPU kernel, model/cpu_attention.py) and bf16
-  (scaled_dot_product_attention), expressed in the step model's convention (compute.flash_attention_s): an efficiency per dtype and a fixed cost per tile;
-* no compute/communication overlap (`comm_overlap = 0`): gloo runs collectives on the compute cores;
-* FSDP2's cost per unit beyond its collectives' bytes, and how much slower tensor parallelism's all-reduces
-  run inside a step than between idle processes (calibrate_parallel.py);
-* collectives: gloo all-reduce and all-gather between 2 local processes (torch.multiprocessing spawn),
-  fitted to t = alpha + S/beta -> intra_node_gb_s and latency; gpus_per_node = the processes this machine
-  runs side by side.
+* memory bandwidth from a large tensor copy (read + write), so `memory_bw` efficiency is 1.0;
+* causal attention forward+backward in fp32 (scalelm's kernel) and bf16, as an efficiency and a cost per tile
+  (compute.flash_attention_s);
+* gloo all-reduce and all-gather between 2 local processes, fitted to t = alpha + S/beta, and FSDP's and TP's
+  costs beyond their bytes (calibrate.parallel). `comm_overlap = 0`: gloo runs collectives on the compute cores.
+
+PyTorch is imported inside the functions, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -28,33 +21,26 @@ import os
 import platform
 import time
 from pathlib import Path
+from statistics import median
+
+from scalelm.calibrate.matmul import measure_layer_matmul_factor, measure_step_matmul_efficiency
+from scalelm.calibrate.parallel import measure_parallel_overheads, per_unit_overheads
+from scalelm.calibrate.timing import interleaved_s, median_s
 
 
-def _bench(fn, reps: int, warmup: int = 1) -> float:
-    """Median seconds of `reps` calls: the typical speed, which is what a training run sees on a machine it
-    shares (the best call would predict runs faster than they go)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def speed_probe_gflops(reps: int = 9) -> float:
-    """fp32 GFLOP/s of a 1024³ matmul (median call) with the current thread count: a one-second measure of how
-    fast this machine runs right now. The file records it; bench/calibrate_check.py measures it again before and
-    after each run, so a shared machine's drift between calibration and run is visible next to the error."""
+def speed_probe_gflops(seconds: float = 0.5) -> float:
+    """fp32 GFLOP/s of a 1024³ matmul (median call) with the current thread count: a short measure of how fast
+    this machine runs right now. The file records it; bench/calibrate_check.py measures it again around each run,
+    so a shared machine's drift between calibration and run shows next to the prediction's error."""
     import torch
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / _bench(lambda: torch.mm(a, b), reps, warmup=2) / 1e9
+    return 2 * 1024**3 / median_s(lambda: torch.mm(a, b), seconds) / 1e9
 
 
 def measure_matmul(quick: bool = False, dtype: str = "float32") -> dict:
+    """Median seconds of torch.mm over square-ish and narrow-output shapes in `dtype`, the curve fitted to them
+    (fit_gemm_curve: peak, k0, n0) and the fixed cost of a kernel (a tiny 8×8 matmul, in µs)."""
     import torch
 
     dt = getattr(torch, dtype)
@@ -64,25 +50,16 @@ def measure_matmul(quick: bool = False, dtype: str = "float32") -> dict:
     shapes = [(big, big, big), (2 * big, big, big), (big, 4 * big, big), (big, big, 4 * big),
               (big, big, 64), (big, big, 128), (big, big, 256), (4096, 256, 256),
               (8 * big, 128, 256), (8 * big, 384, 256), (8 * big, 256, 128)]
-    reps = 3 if quick else 7
     operands = [(torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for m, n, k in shapes]
-    warm = torch.randn(big, big, dtype=dt)
-    for _ in range(3):  # the BLAS's first calls set up its threads and buffers: not part of any shape's rate
-        torch.mm(warm, warm)
-    for a, b in operands:
-        torch.mm(a, b)
-    # Round-robin over the shapes, rep by rep, so a slow minute of a shared machine slows every shape alike
-    # instead of bending the fitted curve; the median call of each shape is kept.
-    times: list[list[float]] = [[] for _ in shapes]
-    for _ in range(reps):
-        for (a, b), samples in zip(operands, times):
-            samples.append(_bench(lambda a=a, b=b: torch.mm(a, b), 1, warmup=0))
+    # The shapes in rounds, so a slow minute of a shared machine slows every shape alike instead of bending the
+    # fitted curve; the median call of each shape is kept.
+    times = interleaved_s([lambda a=a, b=b: torch.mm(a, b) for a, b in operands], 3 if quick else 7)
     out = []
     for (m, n, k), samples in zip(shapes, times):
-        t = sorted(samples)[len(samples) // 2]
+        t = median(samples)
         out.append({"m": m, "n": n, "k": k, "s": t, "tflops": 2 * m * n * k / t / 1e12})
     a, b = torch.randn(8, 8, dtype=dt), torch.randn(8, 8, dtype=dt)
-    tiny = _bench(lambda: torch.mm(a, b), 50)
+    tiny = median_s(lambda: torch.mm(a, b), 0.05)
     peak, k0, n0 = fit_gemm_curve(out)
     return {"peak_tflops": peak, "k_overhead": k0, "n_overhead": n0, "kernel_overhead_us": tiny * 1e6, "shapes": out}
 
@@ -106,12 +83,13 @@ def fit_gemm_curve(shapes: list[dict]) -> tuple[float, float, float]:
 
 
 def measure_memory_bw(quick: bool = False) -> float:
+    """TB/s of a large fp32 tensor copy, bytes read plus bytes written: what elementwise kernels stream at."""
     import torch
 
     n = (32 if quick else 128) * 2**20 // 4
     x = torch.randn(n)
     y = torch.empty_like(x)
-    t = _bench(lambda: y.copy_(x), 3 if quick else 5)
+    t = median_s(lambda: y.copy_(x), 0.1 if quick else 0.3)
     return 2 * n * 4 / t / 1e12  # TB/s read+write
 
 
@@ -129,17 +107,17 @@ def measure_host_op_us(quick: bool = False) -> float:
             y = y * 1.0001
         y.sum().backward()
 
-    t = _bench(chain, 5 if quick else 10, warmup=2)
+    t = median_s(chain, 0.1 if quick else 0.3)
     return t / (2 * n) * 1e6
 
 
-def _attention_seconds(b: int, h: int, s: int, d: int, dtype: str, reps: int) -> float:
+def _attention_seconds(b: int, h: int, s: int, d: int, dtype: str, min_run_time: float) -> float:
     """Causal attention forward+backward as the model runs it: in fp32 scalelm's CPU kernel (RoPE inside it)
     where it applies, otherwise scaled_dot_product_attention."""
     import torch
     import torch.nn.functional as F
 
-    from scalelm.model import cpu_attention
+    from scalelm.kernels.cpu import attention as cpu_attention
     from scalelm.model.gpt import rope_tables
 
     dt = getattr(torch, dtype)
@@ -156,7 +134,7 @@ def _attention_seconds(b: int, h: int, s: int, d: int, dtype: str, reps: int) ->
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             y.sum().backward()
 
-    return _bench(step, reps)
+    return median_s(step, min_run_time)
 
 
 def measure_attention(peak_tflops: float, quick: bool = False, dtype: str = "float32") -> tuple[float, float]:
@@ -165,11 +143,11 @@ def measure_attention(peak_tflops: float, quick: bool = False, dtype: str = "flo
     tiles = b·h·ceil(s/64). Two shapes — one FLOP-heavy, one of many small tiles — give the two unknowns."""
     from scalelm.perf.flops import causal_fraction
 
-    reps = 3 if quick else 5
+    seconds = 0.2 if quick else 0.5
     shapes = [((2 if quick else 8), 4, 256, 64), (64, 4, 64, 16)]
     rows = []
     for b, h, s, d in shapes:
-        t = _attention_seconds(b, h, s, d, dtype, reps)
+        t = _attention_seconds(b, h, s, d, dtype, seconds)
         work = 3.5 * causal_fraction(s) * 4 * b * h * s * s * d / (peak_tflops * 1e12 * d / (d + 32))
         rows.append((work, b * h * -(-s // 64), t))  # t = work/e + tiles·c
     (w1, n1, t1), (w2, n2, t2) = rows
@@ -178,11 +156,12 @@ def measure_attention(peak_tflops: float, quick: bool = False, dtype: str = "flo
     if inv_e <= 0 or c < 0:  # noise: attribute everything to throughput, measured on the big shape
         inv_e, c = t1 / w1, 0.0
     # Not capped at 1: the share is of the dtype's matmul peak, and a CPU flash kernel computing bf16 attention
-    # in fp32 can outrun bf16 GEMMs (Efficiency.attention_bf16). Capping put the excess into the tile cost.
+    # in fp32 can outrun bf16 GEMMs (Efficiency.attention_bf16); a cap would push the excess into the tile cost.
     return 1.0 / inv_e, c * 1e6
 
 
 def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue) -> None:
+    """One of measure_collectives' processes, 1 thread each; rank 0 puts the timings on `queue`."""
     import torch
     import torch.distributed as dist
 
@@ -195,15 +174,14 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], queue
     res = {"all_reduce": [], "all_gather": []}
     for size in sizes:
         x = torch.ones(size // 4)
-        t = _bench(lambda x=x: dist.all_reduce(x), 5)
-        res["all_reduce"].append((size, t))
         outs = [torch.empty(size // 4 // world) for _ in range(world)]
         part = torch.ones(size // 4 // world)
-        t = _bench(lambda outs=outs, part=part: dist.all_gather(outs, part), 5)
-        res["all_gather"].append((size, t))
+        # A fixed number of calls (interleaved_s), so both ranks issue the same collectives.
+        reduce_s, gather_s = interleaved_s([lambda x=x: dist.all_reduce(x),
+                                            lambda outs=outs, part=part: dist.all_gather(outs, part)], 5)
+        res["all_reduce"].append((size, median(reduce_s)))
+        res["all_gather"].append((size, median(gather_s)))
     try:
-        from scalelm.calibrate_parallel import measure_parallel_overheads
-
         res["parallel"] = measure_parallel_overheads(world)
     except Exception as exc:  # FSDP2/DTensor missing or failing here: no overhead terms, say why
         res["parallel_error"] = f"{type(exc).__name__}: {exc}"
@@ -228,6 +206,8 @@ def _fit_alpha_beta(points: list[tuple[int, float]], volume: float) -> tuple[flo
 
 
 def measure_collectives(quick: bool = False) -> dict:
+    """gloo all-reduce and all-gather between 2 spawned local processes, fitted to t = alpha + S/beta (latency,
+    bandwidth), and FSDP's and TP's costs beyond their bytes measured in the same processes (calibrate.parallel)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -246,14 +226,15 @@ def measure_collectives(quick: bool = False) -> dict:
     out = {"all_reduce": res["all_reduce"], "all_gather": res["all_gather"],
            "latency_us": 1e6 * min(a_ar / 2, a_ag), "bandwidth_gb_s": min(b_ar, b_ag) / 1e9}
     if "parallel" in res:
-        from scalelm.calibrate_parallel import per_unit_overheads
-
         out["fsdp_unit_us"], out["tp_comm_slowdown"] = per_unit_overheads(
             res["parallel"], lambda size: a_ag + 0.5 * size / b_ag, lambda size: a_ar + size / b_ar)
     return out
 
 
 def calibrate(quick: bool = False, collectives: bool = True) -> dict:
+    """Everything the hardware file holds (the module docstring lists it), as the dict `write_toml` writes.
+    `quick`: smaller shapes and shorter timings; `collectives=False` skips the 2-process measurement and leaves
+    placeholder link values (50 µs, 5 GB/s)."""
     import torch
 
     from scalelm.train.host_memory import keep_freed_host_memory
@@ -272,8 +253,6 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
         attn_bf16, tile_us_bf16 = measure_attention(bf16, quick, "bfloat16")
     except RuntimeError:
         attn_bf16, tile_us_bf16 = attn, tile_us
-    from scalelm.calibrate_matmul import measure_layer_matmul_factor, measure_step_matmul_efficiency
-
     step_eff = measure_step_matmul_efficiency(quick)
     from scalelm.train.peak import fastest_cpu_matmul
 
@@ -300,65 +279,78 @@ def calibrate(quick: bool = False, collectives: bool = True) -> dict:
 
 
 def write_toml(result: dict, path: str | Path) -> Path:
+    """Write `calibrate`'s result as a hardware file (`scalelm.perf.hardware.load_hardware` reads it): tables
+    accelerator, efficiency, node and calibration, dumped by tomli_w under a comment header that says how and
+    where it was measured (tomli_w writes no comments)."""
+    import tomli_w
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mm, coll = result["matmul"], result["collectives"]
-    shapes = "; ".join(f"{r['m']}x{r['n']}x{r['k']}: {r['tflops'] * 1e3:.1f} GFLOP/s" for r in mm["shapes"])
-    fast = result.get("matmul_fp32_fast")
-    factor_lines = f"matmul_fp32_fast = {fast:.4f}\n" if fast else ""
+    k0, n0 = mm["k_overhead"], mm.get("n_overhead", 0.0)
+    efficiency = {"matmul": round(result.get("matmul_step_efficiency", 1.0), 4)}
+    if result.get("matmul_fp32_fast"):
+        efficiency["matmul_fp32_fast"] = round(result["matmul_fp32_fast"], 4)
     if result.get("matmul_bf16"):
-        factor_lines += f"matmul_bf16 = {result['matmul_bf16']:.4f}\n"
-    text = f"""# Written by `scalelm calibrate` on {time.strftime('%Y-%m-%d %H:%M')} ({result['machine']}, torch {result['torch']},
-# {result['threads']} threads). Measured values. matmul: the share of their stand-alone speed GEMMs keep
-# inside a training step; comm_overlap 0: gloo collectives run on the compute cores, nothing hides behind compute.
-# matmul shapes: {shapes}
-
-[accelerator]
-key = "local"
-name = "this machine: {result['machine']}, {result['threads']} threads"
-peak_tflops = {{ fp32 = {mm['peak_tflops']:.6f}, bf16 = {result['bf16_tflops']:.6f} }}
-hbm_gib = {result['ram_gib']:.1f}
-hbm_tb_s = {result['memory_tb_s']:.6f}
-tdp_w = 65.0
-compute_units = 1
-price_per_hour_usd = 0.05
-source = "scalelm calibrate (measured)"
-notes = "tdp_w and price are placeholders; edit them for energy and cost estimates"
-
-[efficiency]
-matmul = {result.get('matmul_step_efficiency', 1.0):.4f}
-{factor_lines}matmul_k_overhead = {mm['k_overhead']:.1f}
-matmul_n_overhead = {mm.get('n_overhead', 0.0):.1f}
-matmul_k_overhead_bf16 = {result.get('bf16_k_overhead', mm['k_overhead']):.1f}
-matmul_n_overhead_bf16 = {result.get('bf16_n_overhead', mm.get('n_overhead', 0.0)):.1f}
-memory_bw = 1.0
-attention = {result['attention']:.4f}
-attention_bf16 = {result.get('attention_bf16', result['attention']):.4f}
-attention_tile_us = {result.get('attention_tile_us', 0.0):.2f}
-attention_tile_us_bf16 = {result.get('attention_tile_us_bf16', 0.0):.2f}
-comm_overlap = 0.0
-clock_derate = 1.0
-kernel_overhead_us = {mm['kernel_overhead_us']:.2f}
-host_op_us = {result.get('host_op_us', 0.0):.2f}
-fsdp_unit_us = {coll.get('fsdp_unit_us', 0.0):.1f}
-tp_comm_slowdown = {coll.get('tp_comm_slowdown', 1.0):.3f}
-source = "measured by scalelm calibrate"
-
-[node]
-gpus_per_node = {max(2, result['cpus'])}
-nvlink_domain = {max(2, result['cpus'])}
-intra_node_gb_s = {coll['bandwidth_gb_s']:.4f}
-intra_node_fabric = "gloo over shared memory/loopback (measured, 2 processes)"
-intra_node_efficiency = 1.0
-intra_node_latency_us = {coll['latency_us']:.1f}
-inter_node = "ethernet-10g"
-
-[calibration]
-# How this file was measured; predictions are valid for runs with the same threads per process.
-threads = {result['threads']}
-cpus = {result['cpus']}
-probe_gflops = {result.get('probe_gflops', 0.0):.1f}  # speed_probe_gflops(), mean of the start and the end
-torch = "{result['torch']}"
-"""
-    path.write_text(text)
+        efficiency["matmul_bf16"] = round(result["matmul_bf16"], 4)
+    efficiency.update({
+        "matmul_k_overhead": round(k0, 1),
+        "matmul_n_overhead": round(n0, 1),
+        "matmul_k_overhead_bf16": round(result.get("bf16_k_overhead", k0), 1),
+        "matmul_n_overhead_bf16": round(result.get("bf16_n_overhead", n0), 1),
+        "memory_bw": 1.0,
+        "attention": round(result["attention"], 4),
+        "attention_bf16": round(result.get("attention_bf16", result["attention"]), 4),
+        "attention_tile_us": round(result.get("attention_tile_us", 0.0), 2),
+        "attention_tile_us_bf16": round(result.get("attention_tile_us_bf16", 0.0), 2),
+        "comm_overlap": 0.0,
+        "clock_derate": 1.0,
+        "kernel_overhead_us": round(mm["kernel_overhead_us"], 2),
+        "host_op_us": round(result.get("host_op_us", 0.0), 2),
+        "fsdp_unit_us": round(coll.get("fsdp_unit_us", 0.0), 1),
+        "tp_comm_slowdown": round(coll.get("tp_comm_slowdown", 1.0), 3),
+        "source": "measured by scalelm calibrate",
+    })
+    processes = max(2, result["cpus"])
+    doc = {
+        "accelerator": {
+            "key": "local",
+            "name": f"this machine: {result['machine']}, {result['threads']} threads",
+            "peak_tflops": {"fp32": round(mm["peak_tflops"], 6), "bf16": round(result["bf16_tflops"], 6)},
+            "hbm_gib": round(result["ram_gib"], 1),
+            "hbm_tb_s": round(result["memory_tb_s"], 6),
+            "tdp_w": 65.0,
+            "compute_units": 1,
+            "price_per_hour_usd": 0.05,
+            "source": "scalelm calibrate (measured)",
+            "notes": "tdp_w and price are placeholders; edit them for energy and cost estimates",
+        },
+        "efficiency": efficiency,
+        "node": {
+            "gpus_per_node": processes,
+            "nvlink_domain": processes,
+            "intra_node_gb_s": round(coll["bandwidth_gb_s"], 4),
+            "intra_node_fabric": "gloo over shared memory/loopback (measured, 2 processes)",
+            "intra_node_efficiency": 1.0,
+            "intra_node_latency_us": round(coll["latency_us"], 1),
+            "inter_node": "ethernet-10g",
+        },
+        "calibration": {
+            "threads": result["threads"],
+            "cpus": result["cpus"],
+            "probe_gflops": round(result.get("probe_gflops", 0.0), 1),
+            "torch": result["torch"],
+        },
+    }
+    shapes = "; ".join(f"{r['m']}x{r['n']}x{r['k']}: {r['tflops'] * 1e3:.1f} GFLOP/s" for r in mm["shapes"])
+    header = (
+        f"# Written by `scalelm calibrate` on {time.strftime('%Y-%m-%d %H:%M')} ({result['machine']}, "
+        f"torch {result['torch']},\n"
+        f"# {result['threads']} threads). Measured values. efficiency.matmul: the share of their stand-alone speed GEMMs keep\n"
+        "# inside a training step; comm_overlap 0: gloo collectives run on the compute cores, nothing hides behind compute.\n"
+        "# [calibration]: how this file was measured; predictions are valid for runs with the same threads per process.\n"
+        "# probe_gflops: speed_probe_gflops(), the mean of the calibration's start and end.\n"
+        f"# matmul shapes: {shapes}\n\n"
+    )
+    path.write_text(header + tomli_w.dumps(doc))
     return path

@@ -1,24 +1,25 @@
 """What GEMMs reach inside a training step on this machine, against the curve `scalelm calibrate` fits.
 
-The fitted curve (calibrate.measure_matmul) times GEMMs alone on ready operands. Inside a step the trainer's linear
-layers also allocate, miss caches, and on a CPU may run another kernel than the one the curve measured (fp32
-through oneDNN, scalelm.model.linear) or cast their weights on every call (bf16 autocast). These measurements give
-the factors the step model multiplies onto the curve: `efficiency.matmul`, `matmul_fp32_fast`, `matmul_bf16`.
+The fitted curve (calibrate.machine.measure_matmul) times GEMMs alone on ready operands. Inside a step the trainer's
+linear layers also allocate, miss caches, and on a CPU may run another kernel than the one the curve measured (fp32
+through oneDNN, scalelm.kernels.cpu.linear) or cast their weights on every call (bf16 autocast). These measurements
+give the factors the step model multiplies onto the curve: `efficiency.matmul`, `matmul_fp32_fast`, `matmul_bf16`.
 """
 
 from __future__ import annotations
 
-from scalelm.calibrate import _bench
+from statistics import median
+
+from scalelm.calibrate.timing import interleaved_s, median_s
 
 
 def measure_step_matmul_efficiency(quick: bool = False) -> float:
     """Share of their stand-alone speed that GEMMs keep inside a training step: forward and backward of a stack of
     linear layers (fresh activations and gradients: allocation, cache misses) against the same twelve GEMMs run
-    back to back on ready operands. The two are timed alternately and the median ratio kept, so a change of the
+    back to back on ready operands. The two are timed in alternation and the median ratio kept, so a change of the
     machine's speed during calibration cancels. Returned as the hardware file's `efficiency.matmul`."""
     import torch
-
-    from scalelm.model.linear import cpu_matmul_backend, linear
+    import torch.nn.functional as F
 
     tokens, d, hidden = (1024 if quick else 2048), 256, 768
     x = torch.randn(tokens, d)
@@ -27,7 +28,7 @@ def measure_step_matmul_efficiency(quick: bool = False) -> float:
     def chain():
         y = x
         for w in weights:
-            y = linear(y, w)
+            y = F.linear(y, w)
         y.sum().backward()
 
     operands = []
@@ -41,14 +42,8 @@ def measure_step_matmul_efficiency(quick: bool = False) -> float:
         for a, b in operands:
             torch.mm(a, b)
 
-    with cpu_matmul_backend("blas"):
-        chain(), alone()
-        ratios = []
-        for _ in range(3 if quick else 7):
-            t_alone, t_chain = _bench(alone, 1, warmup=0), _bench(chain, 1, warmup=0)
-            ratios.append(t_alone / t_chain)
-    ratios.sort()
-    return max(0.3, min(1.0, ratios[len(ratios) // 2]))
+    t_alone, t_chain = interleaved_s([alone, chain], 3 if quick else 7)
+    return max(0.3, min(1.0, median(a / c for a, c in zip(t_alone, t_chain))))
 
 
 def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: str, quick: bool = False) -> float:
@@ -56,22 +51,21 @@ def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: 
     factor the step model multiplies back onto the same curve. A transformer layer's linear layers (d->3d, d->d,
     d->h twice, h->d) run forward and backward; the factor is the curve's time for their GEMMs over the measured
     time. Measured against the curve itself, not against the same GEMMs run alone at another moment: the BLAS's
-    speed at calibration time then cancels out of the prediction, and MKL's speed on some x86 machines moves far
-    more from minute to minute than oneDNN's (a ratio of two separate measurements carried that noise: 1.10-1.31
-    for the same 1-thread machine).
+    speed at calibration time then cancels out of the prediction, and a ratio of two separate measurements would
+    carry the BLAS's minute-to-minute drift (docs/benchmarks.md#calibration).
 
     Only the GEMMs are timed: each linear layer reads its own input, already in the precision its matmul runs in,
     and takes a ready output gradient, so no sums, casts of activations or gradient accumulation count as matmul
-    time -- the step model prices those as elementwise work. Where bf16 GEMMs are fast (AMX), those had added
-    10-60% to the GEMMs' own time under bf16 autocast.
+    time -- the step model prices those as elementwise work.
 
-    path "onednn": fp32 through the trainer's oneDNN path (scalelm.model.linear: forward and input gradient on
+    path "onednn": fp32 through the trainer's oneDNN path (scalelm.kernels.cpu.linear: forward and input gradient on
     oneDNN, weight gradient on the BLAS) against the fp32 curve -> `efficiency.matmul_fp32_fast`.
     path "bf16": F.linear under bf16 autocast on bf16 inputs, as the trainer runs bf16 (fp32 weights cast on every
     call, a cost that belongs to the matmul) against the bf16 curve -> `efficiency.matmul_bf16`."""
     import torch
+    import torch.nn.functional as F
 
-    from scalelm.model.linear import cpu_matmul_backend, linear
+    from scalelm.kernels.cpu.linear import onednn_linear
     from scalelm.perf.compute import curve_seconds
 
     flops_per_s = peak_tflops * 1e12
@@ -85,6 +79,7 @@ def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: 
     curve = sum(curve_seconds(tokens, n, k, flops_per_s, k0, n0) + curve_seconds(tokens, k, n, flops_per_s, k0, n0)
                 + curve_seconds(k, n, tokens, flops_per_s, k0, n0) for k, n in shapes)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "bf16")
+    linear = onednn_linear if path == "onednn" else F.linear
 
     def chain():
         with amp:
@@ -93,6 +88,7 @@ def measure_layer_matmul_factor(peak_tflops: float, k0: float, n0: float, path: 
         for t in (*inputs, *weights):
             t.grad = None
 
-    with cpu_matmul_backend("onednn" if path == "onednn" else "blas"):
-        t = _bench(chain, 5 if quick else 21, warmup=5)
+    for _ in range(5):  # kernel selection, weight layouts and buffers settle in the first calls
+        chain()
+    t = median_s(chain, 0.3 if quick else 2.5)
     return max(0.3, min(2.0, curve / t))

@@ -1,11 +1,10 @@
 """RMSNorm whose weight gradient on CPU is scalelm's own pass (`csrc/rms_norm.cpp`) rather than torch.compile's.
 
 Compiled, the norm's backward is one kernel that also sums dy · x̂ over the tokens for the weight, walking the
-[tokens, d] tensors in 16-column strips: 2.7 ms on 8192 × 256 in fp32 on a 2-core CPU, where the input gradient
-alone takes 1.0 ms and the weight's sum streamed row by row 0.7 (docs/benchmarks.md). So on plain fp32 CPU tensors
-the norm is an autograd function whose input gradient stays PyTorch code (torch.compile fuses it with the residual
-adds around it) and whose weight gradient is a custom op it keeps whole. Elsewhere (GPUs, DTensors under sequence
-parallelism, other dtypes) `RMSNorm` is nn.RMSNorm.
+[tokens, d] tensors in narrow column strips, which is slow on a CPU; a separate pass that streams the rows is
+faster. So on plain fp32 CPU tensors `KernelRMSNorm` is an autograd function whose input gradient stays PyTorch
+code (torch.compile fuses it with the residual adds around it) and whose weight gradient is a custom op it keeps
+whole. Elsewhere (other dtypes, DTensors) it is nn.RMSNorm.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from scalelm.model import cpu_kernels
-from scalelm.model.linear import plain_fp32_cpu
+from scalelm.kernels.cpu import build
+from scalelm.kernels.cpu.linear import plain_fp32_cpu
 
 
 @torch.library.custom_op("scalelm::rms_norm_weight_grad", mutates_args=())
@@ -45,12 +44,12 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-class RMSNorm(nn.RMSNorm):
+class KernelRMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` over the last dimension, with scalelm's weight gradient on plain fp32 CPU tensors."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (len(self.normalized_shape) == 1 and self.weight is not None and self.eps is not None
                 and plain_fp32_cpu(x) and plain_fp32_cpu(self.weight) and self.weight.requires_grad
-                and cpu_kernels.available()):
+                and build.available()):
             return _RMSNorm.apply(x, self.weight, self.eps)
         return super().forward(x)

@@ -8,16 +8,17 @@ compute and the transfer time its alpha-beta fit predicts for the collectives ea
 - FSDP: what is left per unit is host work the step model cannot derive from bytes (copy-in/copy-out, hooks,
   the wait for the slower rank), a fixed cost per unit (`fsdp_unit_us`).
 - TP: what is left grows with the message, not per call. Inside a training step the activation all-reduces take
-  2-4x what the same all-reduce takes between idle processes (measured on the development VM: fp32 and bf16 steps
-  of shakespeare-char at 8,192 tokens lost 0.64 and 0.29 s to TP against the same local-sized model run
-  side by side, where the isolated fit predicts 0.18 and 0.10 s): gloo's worker thread shares the core with the
-  compute thread, and the ranks reach each all-reduce at different times. So the TP stack runs at the message
-  size of a real CPU step (8 MiB) and the result is a factor on the all-reduce time (`tp_comm_slowdown`).
+  several times what the same all-reduce takes between idle processes: gloo's worker thread shares the core with
+  the compute thread, and the ranks reach each all-reduce at different times (docs/benchmarks.md#calibration).
+  So the TP stack runs at the message size of a real CPU step (8 MiB) and the result is a factor on the
+  all-reduce time (`tp_comm_slowdown`).
 """
 
 from __future__ import annotations
 
-import time
+from statistics import median
+
+from scalelm.calibrate.timing import interleaved_s
 
 D_MODEL, HIDDEN, TOKENS, UNITS = 256, 1024, 2048, 4
 TP_HIDDEN, TP_TOKENS = 512, 8192
@@ -31,9 +32,10 @@ def _units(hidden: int):
                                          nn.Linear(hidden, D_MODEL, bias=False)) for _ in range(UNITS)])
 
 
-def measure_parallel_overheads(world: int, reps: int = 21) -> dict:
+def measure_parallel_overheads(world: int, rounds: int = 7) -> dict:
     """Extra seconds per forward+backward of FSDP over the plain stack (`fsdp_extra`, at TOKENS) and of TP over a
-    plain stack with the hidden size split over the ranks (`tp_extra`, at TP_TOKENS), and the message sizes."""
+    plain stack with the hidden size split over the ranks (`tp_extra`, at TP_TOKENS), and the message sizes.
+    Every rank runs the same fixed number of steps (3·rounds per variant, calibrate.timing.interleaved_s)."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -59,21 +61,13 @@ def measure_parallel_overheads(world: int, reps: int = 21) -> dict:
         parallelize_module(unit, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     steps = {"plain": step_of(_units(HIDDEN), TOKENS), "fsdp": step_of(sharded, TOKENS),
              "tp_local": step_of(_units(TP_HIDDEN // world), TP_TOKENS), "tp": step_of(split, TP_TOKENS)}
-    for step in steps.values():
-        step()
-    # Alternate the variants rep by rep, so a drift of the machine's speed hits all of them alike.
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    # The variants in rounds, so a drift of the machine's speed hits all of them alike.
+    times = dict(zip(steps, interleaved_s(list(steps.values()), rounds)))
 
     def extra(variant: str, base: str) -> float:
-        """Median of the variant's differences to the base stack timed right before it (pairs close in time), not
+        """Median of the variant's differences to the base stack timed just before it (pairs close in time), not
         the difference of two medians, which a slow minute on one side alone can double."""
-        diffs = sorted(a - b for a, b in zip(times[variant], times[base]))
-        return diffs[len(diffs) // 2]
+        return median(a - b for a, b in zip(times[variant], times[base]))
 
     return {"fsdp_extra": extra("fsdp", "plain"), "tp_extra": extra("tp", "tp_local"), "units": UNITS,
             "unit_param_bytes": 2 * D_MODEL * HIDDEN * 4, "activation_bytes": TP_TOKENS * D_MODEL * 4}

@@ -1,0 +1,49 @@
+"""apply_cpu_kernels: module swaps that change how the model computes, never what, for every model family."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from scalelm.kernels.cpu import apply_cpu_kernels
+from scalelm.model import get_preset
+from scalelm.model.gpt import GPT
+
+VARIANTS = {
+    "llama-like": {},
+    "gpt2-like": dict(mlp="gelu", pos="learned", norm="layernorm", bias=True, tie_embeddings=False, n_kv_head=None),
+    "sinusoidal-mha": dict(pos="sinusoidal", n_kv_head=4),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cpu_kernels_compute_the_plain_models_function(variant):
+    """q/k/v fused into one matmul, the attention, norm and embedding kernels: the same logits and gradients as
+    the plain model, for each model family (learned/sinusoidal positions, LayerNorm, GELU, biases)."""
+    torch.manual_seed(0)
+    model = GPT(replace(get_preset("tiny"), **VARIANTS[variant]))
+    ids = torch.randint(0, 128, (2, 32))
+    results = []
+    for _ in range(2):
+        model.zero_grad()
+        logits = model(ids)
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        apply_cpu_kernels(model)
+    (plain_logits, plain_grads), (kernel_logits, kernel_grads) = results
+    torch.testing.assert_close(kernel_logits, plain_logits, rtol=1e-5, atol=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(kernel_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_applies_nothing_to_parameters_off_the_cpu_or_sharded():
+    model = GPT(get_preset("tiny")).to("meta")
+    assert apply_cpu_kernels(model) == []
+    assert type(model.layers["0"].attention).__name__ == "Attention"
+
+
+def test_applying_twice_is_applying_once():
+    model = GPT(get_preset("tiny"))
+    first = apply_cpu_kernels(model)
+    assert apply_cpu_kernels(model) == [] or "no C++ kernels (not built)" in first
+    assert any(name.startswith("KernelAttention") for name in first)

@@ -20,7 +20,8 @@ commands:
   train      train a model (with no options: shakespeare-char on the bundled corpus); --nproc N runs torchrun
   slurm      write an sbatch script that trains on several nodes (srun + torchrun)
   prepare    text/JSONL files → token shards for training
-  generate   continue a prompt with a trained run or checkpoint
+  generate   continue prompts with a trained run or checkpoint (KV cache, batches, speculative, --nproc N)
+  eval       validation loss, perplexity and bits per token of a checkpoint
   info       parameters, FLOPs/token and weight memory of a model preset
   report     PNG plots of a run's metrics
   plan       predict memory/time/cost of layouts on a cluster; `plan evaluate RUNS.csv`
@@ -197,41 +198,6 @@ def cmd_prepare(argv: list[str]) -> int:
     return 0
 
 
-def cmd_generate(argv: list[str]) -> int:
-    p = CliParser(prog="scalelm generate", description="Continue a prompt with a trained model.")
-    p.add_argument("path", help="run directory or checkpoint directory")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 0:
-        raise UsageError("--max-new-tokens must be >= 0")
-    import torch
-
-    from scalelm.data import load_tokenizer
-    from scalelm.model.sample import sample
-    from scalelm.train.checkpoint import load_model, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.path)
-    tok_dir = next((d for d in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer") if d.is_dir()), None)
-    if tok_dir is None:
-        raise UsageError(f"no tokenizer/ directory next to {ckpt}; was it written by `scalelm train`?")
-    tokenizer = load_tokenizer(tok_dir)
-    model = load_model(ckpt, device=args.device)
-    try:
-        ids = tokenizer.encode(args.prompt)
-    except ValueError as e:
-        raise UsageError(f"the prompt cannot be encoded by this run's tokenizer: {e}") from None
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = sample(model, torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature,
-                 args.top_k, generator=gen, vocab_limit=tokenizer.vocab_size)
-    print(tokenizer.decode(out[0].tolist()))
-    return 0
-
-
 def cmd_info(argv: list[str]) -> int:
     p = CliParser(prog="scalelm info", description="Size, FLOPs and weight memory of a preset.")
     p.add_argument("preset", nargs="?", default=None, help="preset name (or --model.preset)")
@@ -287,8 +253,18 @@ def _perf(name: str):
     return run
 
 
+def _infer(name: str):
+    def run(argv: list[str]) -> int:
+        from scalelm.infer import cli as infer_cli
+
+        return getattr(infer_cli, name)(argv)
+
+    return run
+
+
 COMMANDS = {
-    "train": cmd_train, "slurm": cmd_slurm, "prepare": cmd_prepare, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
+    "train": cmd_train, "slurm": cmd_slurm, "prepare": cmd_prepare, "generate": _infer("main_generate"),
+    "eval": _infer("main_eval"), "info": cmd_info, "report": cmd_report,
     "plan": _perf("main_plan"), "hw": _perf("main_hw"), "calibrate": _perf("main_calibrate"),
 }
 
@@ -331,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors a person can fix. Looked up lazily so `scalelm plan` never imports torch just to catch them."""
     errors: list[type[Exception]] = [ConfigError, UsageError]
-    for module, name in (("scalelm.data.errors", "DataError"), ("scalelm.train.checkpoint", "CheckpointError")):
+    for module, name in (("scalelm.data.errors", "DataError"), ("scalelm.train.checkpoint", "CheckpointError"),
+                         ("scalelm.infer.generate", "GenerationError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

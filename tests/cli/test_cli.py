@@ -1,11 +1,12 @@
 """The CLI as a user meets it: one-line errors with exit code 2, and the happy paths."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
-from helpers import train
+from helpers import metrics, train
 
 from scalelm.cli import main
 
@@ -70,14 +71,14 @@ def test_bundled_configs_load():
         build_config(load_toml(path))
 
 
-def test_generate_and_report_from_a_trained_run(tmp_path, capsys):
+def test_generate_eval_and_report_from_a_trained_run(tmp_path, capsys):
     from scalelm.data import load_tokenizer
 
     run = tmp_path / "run"
     train(run, "--train.steps", "3", "--train.log_every", "1")
+    end = metrics(run)[-1]
     capsys.readouterr()
     tokenizer = load_tokenizer(run / "tokenizer")
-    prompt = tokenizer.encode("ROMEO:")
 
     def generate(*args: str) -> str:
         assert main(["generate", str(run), "--prompt", "ROMEO:", *args]) == 0
@@ -86,15 +87,29 @@ def test_generate_and_report_from_a_trained_run(tmp_path, capsys):
         return out[:-1]  # print's newline; the text itself may contain newlines
 
     for n in (0, 1, 20):
-        text = generate("--max-new-tokens", str(n), "--seed", "3")
-        ids = tokenizer.encode(text)  # the char tokenizer: one token per character
-        assert ids[:len(prompt)] == prompt and len(ids) == len(prompt) + n and len(text) == len("ROMEO:") + n
+        text = generate("--max-new-tokens", str(n), "--seed", "3")  # the continuation alone
+        assert len(tokenizer.encode(text)) == n and len(text) == n  # the char tokenizer: a token per character
     hot = ("--max-new-tokens", "20", "--temperature", "1.0")
     first = generate(*hot, "--seed", "7")
     assert generate(*hot, "--seed", "7") == first  # the same seed, the same text
     assert any(generate(*hot, "--seed", str(seed)) != first for seed in (8, 9, 10))  # other seeds sample others
+    greedy = generate("--max-new-tokens", "30", "--greedy")
+    assert generate("--max-new-tokens", "30", "--greedy", "--no-cache") == greedy
+    assert main(["eval", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"val_loss", "perplexity", "bits_per_token", "tokens"}
+    assert abs(result["val_loss"] - end["val_loss"]) < 1e-4  # what the trainer logged for the same weights
+    assert result["tokens"] == 10 * 32 * 32  # eval_batches x 32 windows x seq_len
     assert main(["report", str(run)]) == 0
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    (tmp_path / "empty.txt").write_text("")
+    for bad, message in ((["--prompt", "A" * 300], "the model's context is 64"),
+                         (["--prompt-file", str(tmp_path / "empty.txt")], "is empty"),
+                         (["--prompt", "ROMEO", "--top-p", "2"], "top_p=2.0 must be in (0, 1]")):
+        capsys.readouterr()
+        assert main(["generate", str(run), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert main(["generate", str(tmp_path / "run"), "--prompt", "\u2603"]) == 2
 
 

@@ -19,7 +19,9 @@ BAD_INPUT = {
     "slurm": [["--nodez", "2"], ["--nodes", "x"], ["--nodes", "0"], ["-x"]],
     "prepare": [["a.txt", "--out", "ds", "--bogus"], ["a.txt"], [], ["a.txt", "--out", "ds", "--tokenizer", "xx"],
                 ["a.txt", "--out", "ds", "--vocab-size", "many"]],
-    "generate": [["run", "--bogus"], [], ["run", "--max-new-tokens", "x"], ["run", "--max-new-tokens", "-1"]],
+    "generate": [["run", "--bogus"], [], ["run", "--max-new-tokens", "x"], ["run", "--max-new-tokens", "-1"],
+                 ["run", "--top-p", "2"], ["run", "--temperature", "-1"], ["no-such-run"]],
+    "eval": [["run", "--bogus"], [], ["no-such-run"]],
     "info": [["--bogus"], ["--seq", "x"], ["llama9"]],
     "report": [["run", "--bogus"], [], ["no-such-run"]],
     "plan": [["--gpuz", "8"], ["--gpus", "many"], ["--precision", "fp7"], ["--model", "gpt9"]],
@@ -66,7 +68,7 @@ def test_no_arguments_lists_the_commands_and_trains_nothing(monkeypatch, capsys)
 def test_options_without_a_command_are_one_line(capsys):
     assert main(["--train.steps", "5"]) == 2
     assert capsys.readouterr().err == "error: --train.steps needs a command before it, e.g. `scalelm train " \
-        "--train.steps ...` (commands: train, slurm, prepare, generate, info, report, plan, hw, calibrate)\n"
+        "--train.steps ...` (commands: train, slurm, prepare, generate, eval, info, report, plan, hw, calibrate)\n"
 
 
 @pytest.mark.parametrize("argv, usage", [

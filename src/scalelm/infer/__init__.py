@@ -1,0 +1,7 @@
+"""Using a trained model: the generation engine (KV cache, batching, sampling, streaming), evaluation, and the
+decoding variants built on them."""
+
+from scalelm.infer.generate import Completion, Delta, GenerationError, Generator
+from scalelm.infer.sampling import Sampling
+
+__all__ = ["Completion", "Delta", "GenerationError", "Generator", "Sampling"]

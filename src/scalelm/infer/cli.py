@@ -1,0 +1,119 @@
+"""`scalelm generate` and `scalelm eval`: argv in, exit code out.
+
+generate prints the generated text alone on stdout (one completion per prompt, each followed by a newline), so
+scripts can compare outputs; progress and timing go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from scalelm.usage import CliParser, UsageError
+
+
+def _generate_parser() -> CliParser:
+    p = CliParser(prog="scalelm generate", description="Continue prompts with a trained model (KV cache, batched).")
+    p.add_argument("path", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (repeat for a batch; default: a newline)")
+    p.add_argument("--prompt-file", default=None, help="a file whose whole text is one more prompt")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
+    p.add_argument("--greedy", action="store_true", help="always the likeliest token (= --temperature 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                   help="end a completion where one of these strings appears (not included)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--draft", default=None, help="a smaller run or checkpoint with the same tokenizer: speculative "
+                   "decoding (greedy, one prompt)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-file {args.prompt_file}: cannot read it ({e.__class__.__name__})") from None
+        if not text:
+            raise UsageError(f"--prompt-file {args.prompt_file} is empty; put the prompt text in it")
+        prompts.append(text)
+    return prompts or ["\n"]
+
+
+def main_generate(argv: list[str]) -> int:
+    args = _generate_parser().parse_args(argv)
+    from scalelm.infer.sampling import Sampling
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if args.draft_tokens < 1:
+        raise UsageError(f"--draft-tokens {args.draft_tokens} must be >= 1")
+    try:
+        sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UsageError(f"{e}; see `scalelm generate --help`") from None
+    prompts = _prompts(args)
+    from scalelm.infer.generate import Generator
+    from scalelm.infer.load import load_for_inference
+
+    start = time.perf_counter()
+    model, tokenizer = load_for_inference(args.path, args.device)
+    loaded = time.perf_counter()
+    if args.draft is not None:
+        completions = [_speculative(args, model, tokenizer, prompts, sampling)]
+    else:
+        generator = Generator(model, tokenizer, compile=args.compile)
+        completions = generator.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, stop=args.stop,
+                                         use_cache=not args.no_cache)
+    elapsed = time.perf_counter() - loaded
+    for completion in completions:
+        print(completion.text)
+    tokens = sum(len(c.tokens) for c in completions)
+    print(f"generated {tokens} tokens for {len(prompts)} prompt(s) in {elapsed:.2f} s ({tokens / elapsed:.1f} "
+          f"tokens/s{', no cache' if args.no_cache else ''}); loading took {loaded - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _speculative(args, model, tokenizer, prompts: list[str], sampling):
+    from scalelm.infer.load import load_for_inference
+    from scalelm.infer.speculative import speculative_generate
+
+    if len(prompts) != 1:
+        raise UsageError("--draft decodes one prompt at a time; give a single --prompt")
+    if not sampling.greedy:
+        raise UsageError("--draft is greedy decoding; add --greedy (or --temperature 0)")
+    draft, draft_tokenizer = load_for_inference(args.draft, args.device)
+    completion, stats = speculative_generate(model, draft, tokenizer, prompts[0], args.max_new_tokens,
+                                             k=args.draft_tokens, stop=args.stop, draft_tokenizer=draft_tokenizer)
+    print(f"speculative: {stats.accepted}/{stats.proposed} draft tokens accepted ({stats.acceptance_rate:.0%}), "
+          f"{stats.target_forwards} target forwards", file=sys.stderr)
+    return completion
+
+
+def main_eval(argv: list[str]) -> int:
+    p = CliParser(prog="scalelm eval", description="Validation loss, perplexity and bits per token of a checkpoint, "
+                  "as the trainer measures them.")
+    p.add_argument("path", help="run directory or checkpoint directory")
+    p.add_argument("--data", default=None, help="prepared dataset directory (default: the run's)")
+    p.add_argument("--json", action="store_true", help="one JSON object: val_loss, perplexity, bits_per_token, tokens")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from scalelm.infer.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.path, args.data, args.device)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"val loss {result.val_loss:.4f}, perplexity {result.perplexity:.2f}, "
+              f"{result.bits_per_token:.3f} bits/token over {result.tokens:,} tokens")
+    return 0

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from scalelm.config import ConfigError
+from scalelm.launch import exec_torchrun, is_launched, pop_nproc
 from scalelm.train.slurm import slurm_script
 from scalelm.usage import HELP, CliParser, UsageError, is_number, wants_help
 
@@ -35,23 +36,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def _pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
-    """`--nproc N` / `--nproc=N` out of the train arguments."""
-    rest, nproc, i = [], None, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--nproc" or arg.startswith("--nproc="):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if "=" in arg else 2
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(f"--nproc needs a positive number of processes, got {value!r}")
-            nproc = int(value)
-            continue
-        rest.append(arg)
-        i += 1
-    return nproc, rest
-
-
 def _expand_parallel(argv: list[str]) -> list[str]:
     """`--parallel auto` / `--parallel=auto` → `--parallel.auto true` (the planner picks the layout)."""
     out, i = [], 0
@@ -69,12 +53,6 @@ def _expand_parallel(argv: list[str]) -> list[str]:
     return out
 
 
-def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
-    """The torchrun line `scalelm train --nproc N ARGS` runs: one machine, N processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "scalelm", "train", *train_args]
-
-
 def cmd_train(argv: list[str]) -> int:
     if wants_help(argv):
         from scalelm.config import all_keys
@@ -88,9 +66,9 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
 
-    nproc, argv = _pop_nproc(argv)
+    nproc, argv = pop_nproc(argv)
     argv = _expand_parallel(argv)
-    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if nproc is not None and nproc > 1 and not is_launched():
         overrides = parse_overrides(argv)
         file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
         cfg = build_config(file_values, overrides)
@@ -102,9 +80,7 @@ def cmd_train(argv: list[str]) -> int:
             argv = [*argv, *flags]
             os.environ[PLANNED_ENV] = "1"
         validate_parallel(cfg, nproc)  # fail here, not in N processes
-        command = torchrun_command(nproc, argv)
-        sys.stdout.flush()
-        os.execv(command[0], command)  # replaces this process; torchrun's exit code becomes ours
+        exec_torchrun(nproc, "train", argv)
     overrides = parse_overrides(argv)
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
     cfg = build_config(file_values, overrides)

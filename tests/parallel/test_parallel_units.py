@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from scalelm.cli import main, torchrun_command
+from scalelm.cli import main
 from scalelm.config import ConfigError, build_config, validate_parallel
+from scalelm.launch import torchrun_command
 from scalelm.parallel.checkpoint import JsonMetadataWriter, SafeReader, canonical_name, read_metadata
 from scalelm.parallel.pipeline import split_layers, stage_ids, stage_owners
 from scalelm.train.slurm import slurm_script
@@ -128,7 +129,7 @@ def test_nproc_execs_torchrun(monkeypatch, tmp_path):
     args = ["--model.preset", "tiny", "--parallel.tp", "2", "--out", str(tmp_path / "r")]
     with pytest.raises(Exec):
         main(["train", "--nproc=2", *args])
-    assert seen["argv"] == torchrun_command(2, args)
+    assert seen["argv"] == torchrun_command(2, "train", args)
     assert seen["argv"][1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "scalelm"]
 
 

@@ -7,10 +7,12 @@ scripts can compare outputs; progress and timing go to stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from scalelm.launch import exec_torchrun, is_launched, pop_nproc
 from scalelm.usage import CliParser, UsageError
 
 
@@ -34,6 +36,7 @@ def _generate_parser() -> CliParser:
                    "decoding (greedy, one prompt)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--nproc", type=int, default=1, help="tensor-parallel generation on N processes (torchrun)")
     return p
 
 
@@ -54,6 +57,10 @@ def main_generate(argv: list[str]) -> int:
     args = _generate_parser().parse_args(argv)
     from scalelm.infer.sampling import Sampling
 
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc} must be >= 1")
+    if args.nproc > 1 and args.draft is not None:
+        raise UsageError("--draft (speculative decoding) runs in one process; leave out --nproc")
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     if args.draft_tokens < 1:
@@ -63,6 +70,8 @@ def main_generate(argv: list[str]) -> int:
     except ValueError as e:
         raise UsageError(f"{e}; see `scalelm generate --help`") from None
     prompts = _prompts(args)
+    if args.nproc > 1 or is_launched():
+        return _generate_tp(args, argv, prompts, sampling)
     from scalelm.infer.generate import Generator
     from scalelm.infer.load import load_for_inference
 
@@ -81,6 +90,26 @@ def main_generate(argv: list[str]) -> int:
     tokens = sum(len(c.tokens) for c in completions)
     print(f"generated {tokens} tokens for {len(prompts)} prompt(s) in {elapsed:.2f} s ({tokens / elapsed:.1f} "
           f"tokens/s{', no cache' if args.no_cache else ''}); loading took {loaded - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _generate_tp(args, argv: list[str], prompts: list[str], sampling) -> int:
+    """Tensor-parallel generation: the parent checks the model splits and re-executes itself under torchrun; each
+    rank generates the same tokens from its share of the model, and rank 0 prints them."""
+    from scalelm.infer.tp import check_run_tp, generate_tp
+
+    if not is_launched():
+        check_run_tp(args.path, args.nproc)  # fail here, not in N processes
+        exec_torchrun(args.nproc, "generate", pop_nproc(argv)[1])  # the ranks know they are launched
+    start = time.perf_counter()
+    completions = generate_tp(args.path, prompts, args.device, args.compile, max_new_tokens=args.max_new_tokens,
+                              sampling=sampling, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
+    if os.environ.get("RANK", "0") == "0":
+        for completion in completions:
+            print(completion.text)
+        tokens = sum(len(c.tokens) for c in completions)
+        print(f"generated {tokens} tokens on {os.environ.get('WORLD_SIZE', '1')} tensor-parallel processes in "
+              f"{time.perf_counter() - start:.2f} s (loading included)", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,44 @@
+"""Start a scalelm command on N processes of this machine: `scalelm train|generate --nproc N` re-executes itself
+under torchrun, whose exit code becomes the command's."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def torchrun_command(nproc: int, command: str, args: list[str]) -> list[str]:
+    """The torchrun line for `scalelm COMMAND --nproc N ARGS`: one machine (standalone rendezvous), N processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "scalelm", command, *args]
+
+
+def exec_torchrun(nproc: int, command: str, args: list[str]) -> None:
+    """Replace this process with torchrun running `scalelm COMMAND ARGS` on `nproc` processes."""
+    line = torchrun_command(nproc, command, args)
+    sys.stdout.flush()
+    os.execv(line[0], line)
+
+
+def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """`--nproc N` / `--nproc=N` out of a command's arguments: (N or None, the rest)."""
+    from scalelm.usage import UsageError
+
+    rest, nproc, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"--nproc needs a positive number of processes, got {value!r}")
+            nproc = int(value)
+            continue
+        rest.append(arg)
+        i += 1
+    return nproc, rest
+
+
+def is_launched() -> bool:
+    """Whether this process is one rank of a torchrun launch (then it must not launch again)."""
+    return "WORLD_SIZE" in os.environ

@@ -3,5 +3,7 @@ decoding variants built on them."""
 
 from scalelm.infer.generate import Completion, Delta, GenerationError, Generator
 from scalelm.infer.sampling import Sampling
+from scalelm.infer.speculative import SpeculativeDecoder, SpeculativeStats, speculative_generate
 
-__all__ = ["Completion", "Delta", "GenerationError", "Generator", "Sampling"]
+__all__ = ["Completion", "Delta", "GenerationError", "Generator", "Sampling", "SpeculativeDecoder",
+           "SpeculativeStats", "speculative_generate"]

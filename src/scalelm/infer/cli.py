@@ -33,7 +33,7 @@ def _generate_parser() -> CliParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--draft", default=None, help="a smaller run or checkpoint with the same tokenizer: speculative "
-                   "decoding (greedy, one prompt)")
+                   "decoding (one prompt; greedy output is the target's own)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--nproc", type=int, default=1, help="tensor-parallel generation on N processes (torchrun)")
@@ -119,11 +119,10 @@ def _speculative(args, model, tokenizer, prompts: list[str], sampling):
 
     if len(prompts) != 1:
         raise UsageError("--draft decodes one prompt at a time; give a single --prompt")
-    if not sampling.greedy:
-        raise UsageError("--draft is greedy decoding; add --greedy (or --temperature 0)")
     draft, draft_tokenizer = load_for_inference(args.draft, args.device)
     completion, stats = speculative_generate(model, draft, tokenizer, prompts[0], args.max_new_tokens,
-                                             k=args.draft_tokens, stop=args.stop, draft_tokenizer=draft_tokenizer)
+                                             k=args.draft_tokens, stop=args.stop, sampling=sampling, seed=args.seed,
+                                             draft_tokenizer=draft_tokenizer)
     print(f"speculative: {stats.accepted}/{stats.proposed} draft tokens accepted ({stats.acceptance_rate:.0%}), "
           f"{stats.target_forwards} target forwards", file=sys.stderr)
     return completion

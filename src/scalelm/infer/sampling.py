@@ -28,10 +28,9 @@ class Sampling:
         return self.temperature == 0.0
 
 
-def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] (fp32) → token ids [B]."""
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """logits [N, V] (fp32) → the distribution sampling draws from: temperature, then top-k, then top-p (not
+    greedy: temperature > 0). Speculative sampling compares these distributions of two models."""
     logits = logits / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k).values[:, -1:]
@@ -42,7 +41,14 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         # Drop a token when the tokens more likely than it already reach top_p (the most likely one always stays).
         drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] (fp32) → token ids [B]."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, sampling), 1, generator=generator).squeeze(-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

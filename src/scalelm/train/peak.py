@@ -46,7 +46,7 @@ def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, seconds_per_siz
     """Best matmul FLOP/s over square `sizes` with the current thread count, through `backend` ("blas": torch.mm;
     "onednn": the kernel scalelm.kernels.cpu.linear routes fp32 linear layers to). Each size runs for about
     `seconds_per_size` under torch.utils.benchmark.Timer (blocked_autorange, its first calls a warm-up) and gives
-    its median call; the fastest size gives the peak."""
+    its median call; the fastest size gives the peak. Sizes stop growing once one call outlasts the budget."""
     from torch.utils.benchmark import Timer
 
     from scalelm.kernels.cpu.linear import onednn_mm_nt
@@ -56,7 +56,10 @@ def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, seconds_per_siz
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         timer = Timer("matmul(a, b)", globals={"matmul": matmul, "a": a, "b": b}, num_threads=torch.get_num_threads())
-        best = max(best, 2 * n**3 / timer.blocked_autorange(min_run_time=seconds_per_size).median)
+        call_s = timer.blocked_autorange(min_run_time=seconds_per_size).median
+        best = max(best, 2 * n**3 / call_s)
+        if call_s > seconds_per_size:  # a CPU this slow in this dtype (bf16 without bf16 units) gains nothing
+            break  # from bigger sizes, and each would take 3.4x longer again
     return best
 
 

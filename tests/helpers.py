@@ -8,6 +8,13 @@ from pathlib import Path
 
 from scalelm.cli import main
 
+MODEL_VARIANTS = {
+    "llama-like": {},  # the tiny preset: grouped-query heads, RoPE, RMSNorm, SwiGLU, tied embeddings
+    "gpt2-like": dict(mlp="gelu", pos="learned", norm="layernorm", bias=True, tie_embeddings=False, n_kv_head=None),
+    "sinusoidal-mha": dict(pos="sinusoidal", n_kv_head=4),
+}
+"""Changes to the tiny preset that cover each model family: tests parametrize over them."""
+
 TINY = ["--model.preset", "tiny", "--train.dtype", "fp32", "--train.global_batch", "8", "--train.seq_len", "32",
         "--train.sample_tokens", "0", "--metrics.progress", "false", "--optim.warmup_steps", "3",
         "--optim.name", "adamw", "--train.eval_every", "0"]

@@ -4,16 +4,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import MODEL_VARIANTS as VARIANTS
 
 from scalelm.kernels.cpu import apply_cpu_kernels
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT
-
-VARIANTS = {
-    "llama-like": {},
-    "gpt2-like": dict(mlp="gelu", pos="learned", norm="layernorm", bias=True, tie_embeddings=False, n_kv_head=None),
-    "sinusoidal-mha": dict(pos="sinusoidal", n_kv_head=4),
-}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

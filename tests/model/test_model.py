@@ -2,18 +2,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import MODEL_VARIANTS as VARIANTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from scalelm.model import PRESETS, get_preset
 from scalelm.model.counting import flops_per_token, num_params
 from scalelm.model.gpt import GPT
-
-VARIANTS = {
-    "llama-like": {},
-    "gpt2-like": dict(mlp="gelu", pos="learned", norm="layernorm", bias=True, tie_embeddings=False, n_kv_head=None),
-    "sinusoidal-mha": dict(pos="sinusoidal", n_kv_head=4),
-}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -84,13 +84,18 @@ def main_generate(argv: list[str]) -> int:
         generator = Generator(model, tokenizer, compile=args.compile)
         completions = generator.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, stop=args.stop,
                                          use_cache=not args.no_cache)
-    elapsed = time.perf_counter() - loaded
+    _print(completions, time.perf_counter() - loaded, f"{', no cache' if args.no_cache else ''}; loading took "
+           f"{loaded - start:.2f} s")
+    return 0
+
+
+def _print(completions, seconds: float, note: str = "") -> None:
+    """The texts on stdout, one per line; the count and rate on stderr."""
     for completion in completions:
         print(completion.text)
     tokens = sum(len(c.tokens) for c in completions)
-    print(f"generated {tokens} tokens for {len(prompts)} prompt(s) in {elapsed:.2f} s ({tokens / elapsed:.1f} "
-          f"tokens/s{', no cache' if args.no_cache else ''}); loading took {loaded - start:.2f} s", file=sys.stderr)
-    return 0
+    print(f"generated {tokens} tokens for {len(completions)} prompt(s) in {seconds:.2f} s "
+          f"({tokens / max(seconds, 1e-9):.1f} tokens/s{note})", file=sys.stderr)
 
 
 def _generate_tp(args, argv: list[str], prompts: list[str], sampling) -> int:
@@ -105,11 +110,8 @@ def _generate_tp(args, argv: list[str], prompts: list[str], sampling) -> int:
     completions = generate_tp(args.path, prompts, args.device, args.compile, max_new_tokens=args.max_new_tokens,
                               sampling=sampling, seed=args.seed, stop=args.stop, use_cache=not args.no_cache)
     if os.environ.get("RANK", "0") == "0":
-        for completion in completions:
-            print(completion.text)
-        tokens = sum(len(c.tokens) for c in completions)
-        print(f"generated {tokens} tokens on {os.environ.get('WORLD_SIZE', '1')} tensor-parallel processes in "
-              f"{time.perf_counter() - start:.2f} s (loading included)", file=sys.stderr)
+        _print(completions, time.perf_counter() - start,
+               f", {os.environ.get('WORLD_SIZE', '1')} tensor-parallel processes, loading included")
     return 0
 
 

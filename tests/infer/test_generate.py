@@ -152,3 +152,17 @@ def test_stop_text_holds_back_what_could_begin_a_stop_string():
     assert stops.feed("hello ENx") == "ENx"  # it did not
     assert stops.feed("hello ENx and END more") == " and "
     assert stops.stopped and stops.text == "hello ENx and "
+
+
+def test_onednn_linear_layers_generate_the_same_tokens():
+    from scalelm.kernels.cpu.linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    prompts = ["to be or not", "a"]
+    plain = Generator(_model("mha-learned"), TOKENIZER).generate(prompts, 30, GREEDY, logprobs=True)
+    swapped = Generator(_model("mha-learned"), TOKENIZER, cpu_matmul="onednn")
+    assert type(swapped.model.output).__name__ == "OneDNNLinear"
+    for a, b in zip(plain, swapped.generate(prompts, 30, GREEDY, logprobs=True)):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)

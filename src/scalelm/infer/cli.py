@@ -81,12 +81,22 @@ def main_generate(argv: list[str]) -> int:
     if args.draft is not None:
         completions = [_speculative(args, model, tokenizer, prompts, sampling)]
     else:
-        generator = Generator(model, tokenizer, compile=args.compile)
+        generator = Generator(model, tokenizer, compile=args.compile, cpu_matmul=_cpu_matmul(args.device))
         completions = generator.generate(prompts, args.max_new_tokens, sampling, seed=args.seed, stop=args.stop,
                                          use_cache=not args.no_cache)
     _print(completions, time.perf_counter() - loaded, f"{', no cache' if args.no_cache else ''}; loading took "
            f"{loaded - start:.2f} s")
     return 0
+
+
+def _cpu_matmul(device: str) -> str | None:
+    """On a CPU, the faster fp32 GEMM backend here, as the trainer's cpu.matmul = auto picks it (measured once
+    per machine and cached)."""
+    if not device.startswith("cpu"):
+        return None
+    from scalelm.train.peak import fastest_cpu_matmul
+
+    return fastest_cpu_matmul("fp32")
 
 
 def _print(completions, seconds: float, note: str = "") -> None:

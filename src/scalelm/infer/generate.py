@@ -52,9 +52,16 @@ class Generator:
     """Generates with `model` (a scalelm GPT, or any module with its `forward(tokens, cache)` and `cfg`).
 
     compile: `torch.compile` the one-token decode step (every step has the same shapes, so it compiles once per
-    batch size and cache length); the prefill stays eager."""
+    batch size and cache length); the prefill stays eager. cpu_matmul ("onednn" | "blas" | None = leave the
+    model as it is): on an fp32 CPU model, the linear layers' GEMM backend, swapped in by `apply_cpu_kernels` as
+    the trainer does; a one-row decode GEMM is memory-bound, and oneDNN spreads it over the cores where MKL may
+    not (docs/benchmarks.md#generation)."""
 
-    def __init__(self, model: nn.Module, tokenizer, compile: bool = False):
+    def __init__(self, model: nn.Module, tokenizer, compile: bool = False, cpu_matmul: str | None = None):
+        if cpu_matmul is not None:
+            from scalelm.kernels.cpu import apply_cpu_kernels
+
+            apply_cpu_kernels(model, matmul=cpu_matmul, kernels=False)  # skips GPU and tensor-parallel models
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg

@@ -9,6 +9,7 @@ import torch
 from scalelm.data.tokenizer import CharTokenizer
 from scalelm.infer import GenerationError, Generator, Sampling
 from scalelm.infer.stops import StopText
+from scalelm.kernels.cpu.linear import onednn_available
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT, KVCache
 
@@ -154,11 +155,8 @@ def test_stop_text_holds_back_what_could_begin_a_stop_string():
     assert stops.stopped and stops.text == "hello ENx and "
 
 
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 def test_onednn_linear_layers_generate_the_same_tokens():
-    from scalelm.kernels.cpu.linear import onednn_available
-
-    if not onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
     prompts = ["to be or not", "a"]
     plain = Generator(_model("mha-learned"), TOKENIZER).generate(prompts, 30, GREEDY, logprobs=True)
     swapped = Generator(_model("mha-learned"), TOKENIZER, cpu_matmul="onednn")

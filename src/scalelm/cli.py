@@ -23,6 +23,7 @@ commands:
   prepare    text/JSONL files → token shards for training
   generate   continue prompts with a trained run or checkpoint (KV cache, batches, speculative, --nproc N)
   eval       validation loss, perplexity and bits per token of a checkpoint
+  export     write a run in another format (`scalelm export --help` lists them)
   info       parameters, FLOPs/token and weight memory of a model preset
   report     PNG plots of a run's metrics
   plan       predict memory/time/cost of layouts on a cluster; `plan evaluate RUNS.csv`
@@ -229,6 +230,23 @@ def _perf(name: str):
     return run
 
 
+EXPORTERS: dict[str, tuple[str, str]] = {}
+"""`scalelm export FORMAT ...` → (module, function) of that format's exporter, each in the package that owns it."""
+
+
+def cmd_export(argv: list[str]) -> int:
+    if not argv or argv[0] in HELP:
+        print("usage: scalelm export FORMAT RUN_OR_CKPT --out PATH [options]\n\nformats: " + ", ".join(EXPORTERS) +
+              "\n`scalelm export FORMAT --help` for a format's options")
+        return 0
+    if argv[0] not in EXPORTERS:
+        raise UsageError(f"unknown export format {argv[0]!r}; choose one of: {', '.join(EXPORTERS)}")
+    import importlib
+
+    module, function = EXPORTERS[argv[0]]
+    return getattr(importlib.import_module(module), function)(argv[1:])
+
+
 def _infer(name: str):
     def run(argv: list[str]) -> int:
         from scalelm.infer import cli as infer_cli
@@ -240,7 +258,7 @@ def _infer(name: str):
 
 COMMANDS = {
     "train": cmd_train, "slurm": cmd_slurm, "prepare": cmd_prepare, "generate": _infer("main_generate"),
-    "eval": _infer("main_eval"), "info": cmd_info, "report": cmd_report,
+    "eval": _infer("main_eval"), "export": cmd_export, "info": cmd_info, "report": cmd_report,
     "plan": _perf("main_plan"), "hw": _perf("main_hw"), "calibrate": _perf("main_calibrate"),
 }
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from scalelm import cli
-from scalelm.cli import USAGE, main
+from scalelm.cli import COMMANDS, USAGE, main
 from scalelm.config import SECTIONS, Config, ConfigError, build_config, parse_overrides
 from scalelm.config.load import bool_keys
 
@@ -68,7 +68,7 @@ def test_no_arguments_lists_the_commands_and_trains_nothing(monkeypatch, capsys)
 def test_options_without_a_command_are_one_line(capsys):
     assert main(["--train.steps", "5"]) == 2
     assert capsys.readouterr().err == "error: --train.steps needs a command before it, e.g. `scalelm train " \
-        "--train.steps ...` (commands: train, slurm, prepare, generate, eval, info, report, plan, hw, calibrate)\n"
+        f"--train.steps ...` (commands: {', '.join(COMMANDS)})\n"
 
 
 @pytest.mark.parametrize("argv, usage", [

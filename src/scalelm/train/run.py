@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from scalelm.config import Config, ConfigError, resolve_optimizer, to_toml
 from scalelm.data import BatchLoader, default_dataset, load_dataset_meta, load_tokenizer, open_split
@@ -51,8 +53,16 @@ def _trim_metrics(run_dir: Path, step: int, head: list[dict[str, Any]]) -> None:
     path.write_text("".join(k + "\n" for k in kept))
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train per `cfg`; returns the final `end` record. Under torchrun (WORLD_SIZE > 1) every rank runs this."""
+ModelHook = Callable[[nn.Module, Config], None]
+
+
+def train(cfg: Config, *, prepare_model: ModelHook | None = None,
+          trainer_class: Callable[..., Trainer] = Trainer) -> dict[str, Any]:
+    """Train per `cfg`; returns the final `end` record. Under torchrun (WORLD_SIZE > 1) every rank runs this.
+
+    Other objectives reuse this path: `prepare_model(model, cfg)` changes the built plain model in place before
+    any CPU kernel or parallelism is applied (new weights, a new head, adapters), and `trainer_class` (called
+    with Trainer's arguments) may override `Trainer.forward_loss` and evaluation."""
     device = resolve_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -63,7 +73,7 @@ def train(cfg: Config) -> dict[str, Any]:
     owns_group = not dist.is_initialized()  # a caller that set up the process group also tears it down
     rank, world_size = init_distributed(device)
     try:
-        return _train(cfg, device, rank, world_size)
+        return _train(cfg, device, rank, world_size, prepare_model, trainer_class)
     finally:
         if owns_group and dist.is_initialized():
             release_process_groups()
@@ -88,7 +98,8 @@ def _muon_ns_dtype(device: torch.device) -> str:
     return rank0_choice("bf16" if device.type != "cpu" or cpu_bf16_is_faster() else "fp32")
 
 
-def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dict[str, Any]:
+def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepare_model: ModelHook | None,
+           trainer_class: Callable[..., Trainer]) -> dict[str, Any]:
     try:
         precision = resolve_precision(cfg.train.dtype, device)
     except ValueError as e:
@@ -120,6 +131,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
         tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
 
     model = build_model(cfg, device, cfg.seed)
+    if prepare_model is not None:
+        prepare_model(model, cfg)
     # CPU speedups are module swaps on the plain model, before any parallelism wraps it. Tensor parallelism's
     # DTensor shards are left alone; FSDP computes on gathered plain tensors, so its runs keep the kernels.
     cpu_kernels = []
@@ -160,7 +173,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int) -> dic
                            tensorboard=cfg.metrics.tensorboard)
     if state is None:
         logger.log(forecast.record())  # the first line of a fresh log
-    trainer = Trainer(cfg, model, optimizers, loader, open_split(data_dir, "val"), tokenizer, run_dir, device,
+    trainer = trainer_class(cfg, model, optimizers, loader, open_split(data_dir, "val"), tokenizer, run_dir, device,
                       precision, logger, peak, parallel, forecast.prediction)
     if state is not None:
         trainer.load_state_dict(state)

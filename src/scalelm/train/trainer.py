@@ -111,6 +111,13 @@ class Trainer:
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return token_loss(logits, targets, self.tokens_per_step, self.parallel.tp_mesh if self.parallel else None)
 
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of the step loss. A trainer for another objective (distillation, a
+        classification head) overrides this and keeps the rest of the loop."""
+        with self.precision.autocast(self.device):
+            logits = self.model(x)
+        return self.loss_fn(logits, y)
+
     def loss_context(self):
         return self.parallel.loss_context() if self.parallel is not None else contextlib.nullcontext()
 
@@ -124,9 +131,7 @@ class Trainer:
             micro = list(zip(x.split(self.micro_batch), y.split(self.micro_batch)))
             for i, (xm, ym) in enumerate(micro):
                 with self.grad_sync(last=i == len(micro) - 1), self.loss_context():
-                    with self.precision.autocast(self.device):
-                        logits = self.model(xm)
-                    loss = self.loss_fn(logits, ym)
+                    loss = self.forward_loss(xm, ym)
                     scaled = self.precision.scaler.scale(loss) if self.precision.scaler else loss
                     scaled.backward()
                 loss_sum += _plain(loss.detach())

@@ -17,7 +17,7 @@ from dataclasses import replace
 from scalelm.model.counting import num_params
 from scalelm.model.presets import PRESETS, get_preset
 from scalelm.perf import report
-from scalelm.perf.evaluate import RowError, evaluate_file, to_json
+from scalelm.perf.evaluate import THROUGHPUT, RowError, evaluate_file, to_json
 from scalelm.perf.frameworks import PROFILES
 from scalelm.perf.hardware import HardwareError, catalog, load_hardware, local_hardware_path
 from scalelm.perf.layout import Layout, LayoutError, check_layout
@@ -188,22 +188,47 @@ def main_plan(argv: list[str]) -> int:
 @_entry_point
 def main_evaluate(argv: list[str]) -> int:
     p = CliParser(prog="scalelm plan evaluate", description="Predict each published run of a CSV (runs or memory "
-                   "schema) and report the error.")
+                   "schema) and report the error; --cv source refits the fitted knobs without each source in turn.")
     p.add_argument("file", help="CSV with the runs schema (tokens_per_s_per_gpu) or memory schema (peak_mem_gib)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cv", choices=("source",), help="leave-one-source-out cross-validation")
+    p.add_argument("--write-fit", metavar="FILE", help="with --cv source on a runs CSV: fit the knobs on all rows and "
+                   "write them with the cross-validated errors (the format of the shipped fit.toml)")
     args = p.parse_args(argv)
+    if args.write_fit and not args.cv:
+        return _fail("--write-fit needs --cv source (the intervals come from the cross-validated errors)")
+    folds = None
     try:
-        kind, results, summary = evaluate_file(args.file)
+        if args.cv:
+            from scalelm.perf.fit import cross_validate_file, write_fit
+
+            kind, rows, results, summary, folds = cross_validate_file(args.file)
+            if args.write_fit:
+                if kind != THROUGHPUT:
+                    return _fail("--write-fit needs a runs CSV (tokens_per_s_per_gpu); memory is not fitted")
+                write_fit(args.write_fit, rows, results)
+        else:
+            kind, results, summary = evaluate_file(args.file)
     except FileNotFoundError:
         return _fail(f"{args.file} does not exist; pass a CSV of the runs or memory schema")
     except (RowError, UnicodeDecodeError) as exc:
         return _fail(f"{args.file}: {exc}")
     if args.json:
-        print(json.dumps(to_json(kind, results, summary), indent=2))
+        out = to_json(kind, results, summary)
+        if folds is not None:
+            out["cv"] = {"by": "source", "knobs_by_left_out_source": folds}
+        print(json.dumps(out, indent=2))
     else:
         print(report.evaluate_table(kind, results))
         print()
         print(report.summary_line(kind, summary))
+        if folds is not None:
+            print("cross-validated: each source predicted with the knobs fitted on the others (" +
+                  ("nothing is fitted for memory" if kind != THROUGHPUT else
+                   "; ".join(f"{src[:40]}: " + " ".join(f"{k} {v:g}" for k, v in kn.items())
+                             for src, kn in folds.items())) + ")")
+        if args.write_fit:
+            print(f"wrote {args.write_fit}")
     return 0
 
 

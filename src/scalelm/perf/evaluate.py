@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scalelm.model.config import ModelConfig
-from scalelm.perf.frameworks import Framework, framework_for
+from scalelm.perf.frameworks import Features, Framework, framework_from
 from scalelm.perf.hardware import Hardware, HardwareError, load_hardware
 from scalelm.perf.layout import Layout
 from scalelm.perf.memory import RESERVED_OVER_ALLOCATED
 from scalelm.perf.step import predict_memory, predict_step
+from scalelm.perf.uncertainty import group_key, interval, shipped_residuals
 
 THROUGHPUT, MEMORY = "tokens_per_s_per_gpu", "peak_mem_gib"
 
@@ -58,8 +59,45 @@ def row_model(row: dict) -> ModelConfig:
     return cfg
 
 
+FEATURE_COLUMNS = ("framework_name", "framework_year", "distributed_optimizer", "flash_attention", "compile",
+                   "fp8_recipe", "tp_overlap", "dp_overlap", "pp_overlap", "activation_offload")
+"""Optional structured columns describing the software (frameworks.Features); an empty or missing column falls back
+to what the free-text `framework` column implies, then to the profile's default."""
+
+
+def _flag(row: dict, key: str) -> bool | None:
+    v = (row.get(key) or "").strip().lower()
+    if not v:
+        return None
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise RowError(f"column {key!r} = {v!r} is not 0/1")
+
+
+def row_features(row: dict) -> Features:
+    """The structured software columns of a row (None where empty or absent)."""
+    zero = _int(row, "zero", -1)
+    return Features(name=(row.get("framework_name") or "").strip() or None,
+                    year=_int(row, "framework_year", 0) or None,
+                    distributed_optimizer=_flag(row, "distributed_optimizer"), zero=zero if zero >= 0 else None,
+                    flash_attention=_flag(row, "flash_attention"), compile=_flag(row, "compile"),
+                    fp8_recipe=(row.get("fp8_recipe") or "").strip().lower() or None,
+                    tp_overlap=_flag(row, "tp_overlap"), dp_overlap=_flag(row, "dp_overlap"),
+                    pp_overlap=_flag(row, "pp_overlap"), activation_offload=_flag(row, "activation_offload"))
+
+
+def row_software(row: dict) -> tuple[Framework, Features, list[str]]:
+    """Profile, features (structured columns first, free text second) and warnings of a row."""
+    try:
+        return framework_from(row.get("framework") or row.get("source") or "", row_features(row))
+    except ValueError as exc:
+        raise RowError(str(exc)) from None
+
+
 def row_framework(row: dict) -> Framework:
-    return framework_for(row.get("framework") or row.get("source") or "")
+    return row_software(row)[0]
 
 
 def row_hardware(row: dict) -> Hardware:
@@ -75,9 +113,11 @@ def row_hardware(row: dict) -> Hardware:
         raise RowError(str(exc)) from None
 
 
-def row_layout(row: dict, fw: Framework, cfg: ModelConfig) -> tuple[Layout, int, int]:
-    """(layout, global batch, seq_len) with framework defaults for empty optional columns."""
+def row_layout(row: dict, fw: Framework, cfg: ModelConfig, feats: Features | None = None) -> tuple[Layout, int, int]:
+    """(layout, global batch, seq_len) with framework defaults for empty optional columns. An empty `zero` takes the
+    stage the software features state (a ZeRO stage in the text, or distributed_optimizer 0/1), else the default."""
     d = fw.defaults
+    feats = feats or Features()
     tp, pp, cp = _int(row, "tp", 1), _int(row, "pp", 1), _int(row, "cp", d.get("cp", 1))
     n = _int(row, "n_gpus")
     dp = _int(row, "dp", 0) or n // (tp * pp * cp)
@@ -91,7 +131,12 @@ def row_layout(row: dict, fw: Framework, cfg: ModelConfig) -> tuple[Layout, int,
     mb = _int(row, "micro_batch", 0) or d.get("micro_batch", 1)
     recompute = (row.get("recompute") or "").strip() or d.get("recompute", "none")
     precision = (row.get("precision") or "bf16").strip()
-    lo = Layout(tp=tp, pp=pp, dp=dp, cp=cp, zero=_int(row, "zero", d.get("zero", 0)), micro_batch=mb, vpp=vpp,
+    zero = feats.zero
+    if zero is None and feats.distributed_optimizer is not None:
+        zero = 1 if feats.distributed_optimizer else 0
+    if zero is None:
+        zero = d.get("zero", 0)
+    lo = Layout(tp=tp, pp=pp, dp=dp, cp=cp, zero=zero, micro_batch=mb, vpp=vpp,
                 schedule="interleaved" if vpp > 1 else "1f1b", sequence_parallel=sp and tp > 1,
                 recompute=recompute, flash_attention=fw.flash_attention, precision=precision)
     return lo, gbs, _int(row, "seq_len")
@@ -106,23 +151,39 @@ class RowResult:
     bottleneck: str | None
     reason: str | None = None
     extra: dict | None = None
+    source: str = ""
+    """The run's `source` (its `group` where that is empty): the unit left out by cross-validation."""
+    group: str = ""
+    """device family / parallel style (uncertainty.group_key), the pool its interval is read from."""
+    sensitivity_s: dict | None = None
+    step_time_s: float | None = None
+    interval: tuple[float, float, str, int] | None = None
 
 
-def evaluate_row(row: dict, kind: str) -> RowResult:
+def row_source(row: dict) -> str:
+    return (row.get("source") or "").strip() or (row.get("group") or "").strip() or "unknown"
+
+
+def evaluate_row(row: dict, kind: str, knobs: dict[str, float] | None = None) -> RowResult:
+    """Predict one run. `knobs` replaces the fitted in-step efficiencies (fit.toml) for this prediction."""
     rid = row.get("id", "?")
     try:
         measured = float(row[kind]) if (row.get(kind) or "").strip() else None
         if measured is None or measured <= 0:
             raise RowError(f"no measured {kind}")
         cfg = row_model(row)
-        fw = row_framework(row)
+        fw, feats, warnings = row_software(row)
         hw = row_hardware(row)
-        lo, gbs, seq = row_layout(row, fw, cfg)
+        if knobs is not None:
+            hw = hw.refit(knobs)
+        lo, gbs, seq = row_layout(row, fw, cfg, feats)
+        sens = step_s = None
         if kind == THROUGHPUT:
             res = predict_step(cfg, hw, lo, seq, gbs, fw, strict=False)
             # The run ran, so memory capacity did not stop it: name what limits its time, and report a
             # predicted peak above (or near) the device's memory separately, as a miss of the memory model.
             pred, bottleneck = res.tokens_per_s_per_device, res.time_bottleneck
+            sens, step_s = res.sensitivity_s, res.step_time_s
             extra = {"predicted_step_time_s": round(res.step_time_s, 4), "layout": lo.short(),
                      "framework_profile": fw.name, "predicted_peak_mem_gib": round(res.peak_mem_gib, 2),
                      "memory_capacity_gib": hw.accelerator.hbm_gib}
@@ -137,11 +198,15 @@ def evaluate_row(row: dict, kind: str) -> RowResult:
                 pred *= RESERVED_OVER_ALLOCATED
             bottleneck = None
             extra = {"mem_kind": row.get("mem_kind"), "breakdown_gib": mem.gib(), "framework_profile": fw.name}
+        if warnings:
+            extra["framework_warning"] = "; ".join(warnings)
         err = 100.0 * (pred - measured) / measured
-        return RowResult(rid, pred, measured, err, bottleneck, None, extra)
+        return RowResult(rid, pred, measured, err, bottleneck, None, extra, row_source(row),
+                         group_key(hw.key, lo), sens, step_s)
     except (RowError, KeyError, ValueError, ZeroDivisionError) as exc:
         meas = row.get(kind)
-        return RowResult(rid, None, float(meas) if meas and _isnum(meas) else None, None, None, str(exc))
+        return RowResult(rid, None, float(meas) if meas and _isnum(meas) else None, None, None, str(exc),
+                         source=row_source(row))
 
 
 NEAR_CAPACITY = 0.95
@@ -179,7 +244,7 @@ def summarize(results: list[RowResult]) -> dict:
     errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
     if not errs:
         return {"rows": len(results), "predicted": 0}
-    return {
+    out = {
         "rows": len(results),
         "predicted": len(errs),
         "median_abs_error_pct": round(statistics.median(errs), 2),
@@ -188,14 +253,34 @@ def summarize(results: list[RowResult]) -> dict:
         "within_20pct": round(sum(e <= 20 for e in errs) / len(errs), 4),
         "mean_error_pct": round(statistics.fmean(r.error_pct for r in results if r.error_pct is not None), 2),
     }
+    covered = [r.interval[0] <= r.measured <= r.interval[1] for r in results
+               if r.interval is not None and r.error_pct is not None]
+    if covered:
+        out["interval_coverage_80"] = round(sum(covered) / len(covered), 4)
+        out["intervals"] = len(covered)
+    return out
 
 
-def evaluate_file(path: str | Path) -> tuple[str, list[RowResult], dict]:
+def read_rows(path: str | Path) -> tuple[str, list[dict]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         kind = detect_kind(reader.fieldnames or [])
-        rows = list(reader)
+        return kind, list(reader)
+
+
+def attach_intervals(results: list[RowResult], residuals: list) -> None:
+    """Set each predicted result's 80% interval from `residuals` ((group, source, error %) of comparable runs)."""
+    for r in results:
+        if r.predicted is not None:
+            r.interval = interval(r.predicted, residuals, r.group)
+
+
+def evaluate_file(path: str | Path) -> tuple[str, list[RowResult], dict]:
+    """Predict every row with the shipped knobs; throughput rows get intervals from the shipped CV errors."""
+    kind, rows = read_rows(path)
     results = [evaluate_row(r, kind) for r in rows]
+    if kind == THROUGHPUT:
+        attach_intervals(results, shipped_residuals())
     return kind, results, summarize(results)
 
 
@@ -205,9 +290,14 @@ def to_json(kind: str, results: list[RowResult], summary: dict) -> dict:
     rows = []
     for r in results:
         d = {"id": r.id, pk: None if r.predicted is None else round(r.predicted, 3), mk: r.measured,
-             "error_pct": None if r.error_pct is None else round(r.error_pct, 2), "bottleneck": r.bottleneck}
+             "error_pct": None if r.error_pct is None else round(r.error_pct, 2), "bottleneck": r.bottleneck,
+             "source": r.source}
         if r.reason:
             d["reason"] = r.reason
+        if r.interval is not None:
+            lo, hi, used, n = r.interval
+            d["interval_80"] = [round(lo, 3), round(hi, 3)]
+            d["interval_from"] = f"{used} ({n} runs)"
         if r.extra:
             d.update(r.extra)
         rows.append(d)

@@ -61,6 +61,13 @@ class Framework:
     gathered as they are (FSDP2 without a MixedPrecisionPolicy)."""
     fp8_cast_bytes: float = 5.0
     """Dynamic-scaling FP8: bytes moved per GEMM input element to find amax and cast (read 2+2, write 1)."""
+    fp8_weight_cast_per_microbatch: bool = True
+    """Dynamic (current) scaling casts the weights to fp8 on every forward (torchao Float8Linear); Transformer
+    Engine under Megatron/NeMo keeps the fp8 weights of the first micro-batch for the rest of the step
+    (`is_first_microbatch`), so only activations and gradients are cast per micro-batch."""
+    activation_offload: bool = False
+    """Saved activations go to host memory during the forward and come back for the backward (all but the layer
+    being computed), over PCIe, overlapped with compute."""
     step_overhead_s: float = 0.0
     host_ops_per_layer: int = 200
     """Eager operators one block dispatches per micro-batch, forward + backward (a third forward). scalelm's
@@ -126,6 +133,10 @@ PROFILES: dict[str, Framework] = {
                             reshard_after_forward=True,
                             defaults=dict(_FSDP_DEFAULTS, recompute="selective", sequence_parallel="tp>1")),
     # JAX/XLA (PaLM, T5X, MaxText): the compiler fuses elementwise work into neighbours.
+    # Generic PyTorch FSDP stacks (HF Accelerate/Trainer, FSDP recipes): models written like HF's (separate q/k/v
+    # and gate/up projections, eager RMSNorm), SDPA flash attention, bf16 gradient reduce-scatter.
+    "fsdp": Framework("fsdp", elementwise_factor=1.0, fused_norm=False, fused_qkv=False, fused_gate_up=False,
+                      defaults=_FSDP_DEFAULTS),
     "jax": Framework("jax", elementwise_factor=0.5, fused_cross_entropy=True,
                      loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.9,
                      defaults=dict(_FSDP_DEFAULTS, zero=3, recompute="full")),
@@ -140,39 +151,164 @@ PROFILES: dict[str, Framework] = {
 COMPILE_ELEMENTWISE_FACTOR = 0.5
 """torch.compile/Inductor fuses pointwise chains into single kernels; about half the eager bytes remain
 (norm + residual + activation become one read and one write per tensor)."""
+ASYNC_TP_OVERLAP = 0.6
+"""Share of TP collective time hidden by async TP / TP comm-GEMM overlap (assumed, not fitted: the collective is
+split into chunks pipelined with the GEMM pieces, and the first and last chunk stay exposed)."""
+FP8_CAST_BYTES = {"current": 5.0, "delayed": 4.0}
+"""Bytes per GEMM input element to cast to fp8. Current (dynamic, per-tensor) scaling: an amax pass (read 2) then
+the cast (read 2, write 1). Delayed scaling (Transformer Engine's default recipe): the scale comes from the amax
+history, and the cast is fused with the transpose Hopper's fp8 wgrad needs (read 2, write 1 + 1)."""
+FP8_CAST_BYTES_COMPILED = 3.0
+"""Current scaling under torch.compile: the amax reduction and the cast fuse into the producing kernel."""
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "torchtitan": ("torchtitan",),
+    "llm-foundry": ("composer", "llm-foundry", "foundry"),
+    "megatron": ("megatron", "nemo", "megascale"),
+    "deepspeed": ("deepspeed", "neox"),
+    "jax": ("jax", "t5x", "pax", "maxtext", "xla", "palm"),
+    "fsdp": ("fsdp", "accelerate"),
+    "scalelm": ("scalelm",),
+}
+"""Substrings of the free-text `framework` column naming each profile family (the fallback when the
+`framework_name` column is empty). `fsdp` names the sharding engine of torchtitan, llm-foundry and scalelm too, so it
+counts only when no other family matches."""
+NAMES = {"megatron-lm": "megatron", "megatron-core": "megatron", "mcore": "megatron", "nemo": "megatron",
+         "megascale": "megatron", "megatron-deepspeed": "deepspeed", "gpt-neox": "deepspeed", "composer": "llm-foundry",
+         "maxtext": "jax", "t5x": "jax", "pax": "jax", "pytorch-fsdp": "fsdp", "fsdp2": "fsdp", "hf": "fsdp",
+         **{k: k for k in ("megatron", "megatron-2021", "deepspeed", "llm-foundry", "torchtitan", "jax", "fsdp",
+                           "scalelm")}}
+"""Accepted values of the `framework_name` column / `plan --framework`, mapped to a profile."""
+FP8_RECIPES = ("delayed", "current", "tensorwise", "rowwise", "blockwise", "mxfp8")
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a run states about its software, from structured columns or flags (None = not stated)."""
+
+    name: str | None = None
+    year: int | None = None
+    distributed_optimizer: bool | None = None
+    zero: int | None = None
+    flash_attention: bool | None = None
+    compile: bool | None = None
+    fp8_recipe: str | None = None
+    tp_overlap: bool | None = None
+    dp_overlap: bool | None = None
+    pp_overlap: bool | None = None
+    activation_offload: bool | None = None
+    fp32_grad_reduce: bool | None = None
+
+
+def _zero_from_text(t: str) -> int | None:
+    m = re.search(r"zero[- _]?(?:stage[- _]?)?([0-3])\b", t)
+    if m:
+        return int(m.group(1))
+    if "full_shard" in t or "fully_shard" in t:
+        return 3
+    return None
+
+
+def features_from_text(text: str | None, zero: int | None = None) -> tuple[Features, list[str]]:
+    """Features a free-text description implies, and warnings (a text naming two systems). `zero`: the stage the
+    run states elsewhere, which settles a text naming both Megatron and DeepSpeed."""
+    t = (text or "").lower()
+    found = [fam for fam, keys in FAMILIES.items() if any(k in t for k in keys)]
+    if len(found) > 1 and "fsdp" in found:
+        found.remove("fsdp")
+    zero = zero if zero is not None else _zero_from_text(t)
+    warnings = []
+    name = found[0] if found else None
+    if len(found) > 1:
+        # Two systems in one text: the one that shards the states runs the communication. Megatron shards at most
+        # optimizer states and gradients (its distributed optimizer), so a ZeRO-2/3 run is DeepSpeed's engine.
+        if "deepspeed" in found and (zero or 0) >= 2:
+            name = "deepspeed"
+        elif "megatron" in found:
+            name = "megatron"
+        warnings.append(f"framework text names {' and '.join(found)}; using the {name} profile "
+                        "(set the framework_name column to choose)")
+    year = re.search(r"(20[12]\d)", t)
+    recipe = None
+    if "delayed" in t:
+        recipe = "delayed"
+    elif "float8" in t or "torchao" in t:
+        recipe = "current"
+    elif "fp8" in t and name == "megatron":
+        recipe = "delayed"  # Transformer Engine's default recipe under Megatron/NeMo
+    flash = True if any(k in t for k in ("flashattention", "flash-attn", "flash attention", "flash_attn")) else None
+    tp_overlap = True if any(k in t for k in ("asynctp", "async tp", "tp-comm-overlap", "tp_comm_overlap")) else None
+    dp_overlap = None
+    if "ddp-impl local" in t:
+        dp_overlap = False  # Megatron 2021's local DDP reduces gradients after the backward
+    elif "ddp-impl torch" in t:
+        dp_overlap = True
+    feats = Features(name=name, year=int(year.group(1)) if year else None, zero=zero, flash_attention=flash,
+                     compile=True if "compile" in t else None, fp8_recipe=recipe, tp_overlap=tp_overlap,
+                     dp_overlap=dp_overlap, pp_overlap=None,
+                     distributed_optimizer=True if "distributed optimizer" in t or "distributed-optimizer" in t
+                     else None, activation_offload=True if "activation offload" in t else None,
+                     fp32_grad_reduce=True if "mixed_precision=default" in t else None)
+    return feats, warnings
+
+
+def merge(stated: Features, text: Features) -> Features:
+    """Structured values win; the text fills what they leave empty."""
+    return Features(**{f: getattr(stated, f) if getattr(stated, f) is not None else getattr(text, f)
+                       for f in Features.__dataclass_fields__})
+
+
+def build_framework(feats: Features, described: bool = False) -> Framework:
+    """The profile of `feats.name` (era by `year`) with the stated features applied. Without a name, scalelm's own
+    profile, or a generic PyTorch one for a run `described` as some other trainer."""
+    key = NAMES.get((feats.name or "").lower())
+    if feats.name and key is None:
+        raise ValueError(f"unknown framework {feats.name!r}; use one of {', '.join(sorted(NAMES))}")
+    if key is None:
+        fw = replace(PROFILES["scalelm"], name="generic", fp32_stream=False, fp32_attention_kernel=False,
+                     grad_comm_bytes=2, param_gather_bytes=2) if described else PROFILES["scalelm"]
+    else:
+        if key == "megatron" and feats.year is not None and feats.year <= 2022:
+            key = "megatron-2021"
+        fw = PROFILES[key]
+    if feats.compile and fw.elementwise_factor > COMPILE_ELEMENTWISE_FACTOR:
+        fw = replace(fw, elementwise_factor=COMPILE_ELEMENTWISE_FACTOR, fused_norm=True)
+    if feats.flash_attention is not None:
+        fw = replace(fw, flash_attention=feats.flash_attention)
+    if feats.tp_overlap is not None:
+        fw = replace(fw, tp_overlap=ASYNC_TP_OVERLAP if feats.tp_overlap else 0.0)
+    if feats.dp_overlap is not None:
+        base = PROFILES["megatron"]
+        fw = replace(fw, dp_overlap=base.dp_overlap if feats.dp_overlap else 0.0,
+                     fsdp_overlap=fw.fsdp_overlap if feats.dp_overlap else 0.0)
+    if feats.pp_overlap is not None:
+        fw = replace(fw, pp_overlap=PROFILES["megatron"].pp_overlap if feats.pp_overlap else 0.0)
+    if feats.fp32_grad_reduce:
+        fw = replace(fw, grad_comm_bytes=4)
+    if feats.activation_offload is not None:
+        fw = replace(fw, activation_offload=feats.activation_offload)
+    recipe = feats.fp8_recipe
+    if recipe is not None and recipe not in FP8_RECIPES:
+        raise ValueError(f"unknown fp8_recipe {recipe!r}; use one of {', '.join(FP8_RECIPES)}")
+    if recipe == "delayed":
+        fw = replace(fw, fp8_cast_bytes=FP8_CAST_BYTES["delayed"], fp8_weight_cast_per_microbatch=False)
+    elif recipe is not None or key in ("torchtitan", "fsdp"):
+        compiled = feats.compile and key in ("torchtitan", "fsdp", "scalelm")
+        fw = replace(fw, fp8_cast_bytes=FP8_CAST_BYTES_COMPILED if compiled else FP8_CAST_BYTES["current"])
+    return fw
+
+
+def framework_from(text: str | None, stated: Features | None = None) -> tuple[Framework, Features, list[str]]:
+    """Profile, merged features and warnings for a run described by structured fields and/or free text."""
+    from_text, warnings = features_from_text(text, stated.zero if stated else None)
+    feats = merge(stated or Features(), from_text)
+    if stated and stated.name:
+        warnings = []  # the structured name settles what the text left ambiguous
+    return build_framework(feats, described=bool((text or "").strip())), feats, warnings
 
 
 def framework_for(text: str | None) -> Framework:
-    """Pick and adjust a profile from a free-text framework description (the runs' `framework` column)."""
-    t = (text or "").lower()
-    if "torchtitan" in t:
-        fw = PROFILES["torchtitan"]
-    elif "composer" in t or "llm-foundry" in t or "foundry" in t:
-        fw = PROFILES["llm-foundry"]
-    elif any(k in t for k in ("megatron", "nemo", "megascale")):
-        year = re.search(r"(20[12]\d)", t)
-        old = (year and int(year.group(1)) <= 2022) or "ptd-p" in t
-        fw = PROFILES["megatron-2021" if old else "megatron"]
-        if "ddp-impl torch" in t:
-            fw = replace(fw, dp_overlap=0.9)
-    elif "deepspeed" in t or "neox" in t:
-        fw = PROFILES["deepspeed"]
-    elif any(k in t for k in ("jax", "t5x", "pax", "maxtext", "xla", "palm")):
-        fw = PROFILES["jax"]
-    elif "scalelm" in t or not t:
-        fw = PROFILES["scalelm"]
-    else:
-        fw = replace(PROFILES["scalelm"], name=f"generic ({text})", fp32_stream=False, fp32_attention_kernel=False,
-                     grad_comm_bytes=2,
-                     param_gather_bytes=2)
-    if "compile" in t and fw.elementwise_factor > COMPILE_ELEMENTWISE_FACTOR:
-        fw = replace(fw, elementwise_factor=COMPILE_ELEMENTWISE_FACTOR, fused_norm=True)
-    if "asynctp" in t or "async tp" in t or "tp-comm-overlap" in t or "tp_comm_overlap" in t:
-        fw = replace(fw, tp_overlap=0.6)
-    if "flashattention" in t or "flash-attn" in t or "flash attention" in t:
-        fw = replace(fw, flash_attention=True)
-    if "mixed_precision=default" in t:
-        fw = replace(fw, grad_comm_bytes=4)
-    if "compile" in t and "torchtitan" in t:
-        fw = replace(fw, fp8_cast_bytes=3.0)
-    return fw
+    """A profile from a free-text framework description alone (`framework_from` with no structured fields)."""
+    if not (text or "").strip():
+        return PROFILES["scalelm"]
+    return framework_from(text)[0]

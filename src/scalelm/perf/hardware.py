@@ -108,6 +108,14 @@ class Efficiency:
     """Tensor-parallel all-reduces inside a step take this many times the isolated all-reduce time. 1 on GPUs (NCCL
     on its own SMs); on a CPU, gloo's thread shares the cores with compute and the ranks arrive unevenly, so
     `scalelm calibrate` (scalelm.calibrate.parallel) measures it inside a TP stack of a real step's size."""
+    matmul_kernel: float | None = None
+    """Large-GEMM share of the peak that the vendor BLAS reaches alone (a published microbenchmark). Where given,
+    `matmul` = this x the fitted in-step factor `gemm` (fit.toml), the share a GEMM keeps inside a training step."""
+    attention_kernel: float | None = None
+    """Fused-attention fwd+bwd share (head_dim -> infinity) from a kernel benchmark; `attention` = this x `attention`
+    of fit.toml."""
+    memory_bw_kernel: float | None = None
+    """Share of HBM bandwidth a copy/stream kernel reaches; `memory_bw` = this x `memory` of fit.toml."""
     host_op_us: float = 0.0
     """Host time per eager operator (dispatch + autograd) that the device cannot hide. 0 on accelerators: the
     host enqueues kernels asynchronously and runs ahead of them. On a CPU the host *is* the device, so every
@@ -185,6 +193,11 @@ class Hardware:
     def key(self) -> str:
         return self.accelerator.key
 
+    def refit(self, knobs: dict[str, float]) -> Hardware:
+        """The same hardware with the in-step efficiencies recomputed from its kernel benchmarks and `knobs`
+        (FIT_KNOBS). Efficiencies stated directly (calibrated or hand-written files) stay as they are."""
+        return replace(self, efficiency=apply_knobs(self.efficiency, knobs))
+
     def with_network(self, inter_node: str | None = None, gpus_per_node: int | None = None) -> Hardware:
         """The same hardware with another inter-node fabric or node size (used per row by `plan evaluate`)."""
         hw = self
@@ -194,6 +207,31 @@ class Hardware:
             domain = max(gpus_per_node, hw.node.nvlink_domain if hw.node.nvlink_domain > hw.node.gpus_per_node else 0)
             hw = replace(hw, node=replace(hw.node, gpus_per_node=gpus_per_node, nvlink_domain=domain))
         return hw
+
+
+FIT_PATH = Path(__file__).with_name("fit.toml")
+FIT_KNOBS = {"gemm": "matmul", "attention": "attention", "memory": "memory_bw"}
+"""The model's only fitted numbers: one in-step factor per kernel class, shared by every device (fit.toml)."""
+_KNOBS: dict[str, float] | None = None
+
+
+def fitted_knobs() -> dict[str, float]:
+    """The knobs fitted on the development runs (`scalelm plan evaluate RUNS --cv source --write-fit` writes them)."""
+    global _KNOBS
+    if _KNOBS is None:
+        with open(FIT_PATH, "rb") as f:
+            _KNOBS = {k: float(v) for k, v in tomllib.load(f)["knobs"].items() if k in FIT_KNOBS}
+    return dict(_KNOBS)
+
+
+def apply_knobs(eff: Efficiency, knobs: dict[str, float]) -> Efficiency:
+    """In-step efficiency = kernel benchmark share x fitted factor, for each kernel class the file benchmarks."""
+    over = {}
+    for knob, name in FIT_KNOBS.items():
+        kernel = getattr(eff, f"{name}_kernel")
+        if kernel is not None and knob in knobs:
+            over[name] = kernel * knobs[knob]
+    return replace(eff, **over) if over else eff
 
 
 def _pick(cls, data: dict[str, Any]):
@@ -267,7 +305,7 @@ def parse_hardware(data: dict[str, Any], origin: str = "") -> Hardware:
             acc = _pick(Accelerator, a)
         except TypeError as exc:
             raise HardwareError(f"{origin}: [accelerator] is missing a field ({exc})") from None
-        eff = _pick(Efficiency, data.get("efficiency", {}))
+        eff = apply_knobs(_pick(Efficiency, data.get("efficiency", {})), fitted_knobs())
         node = _pick(Node, data.get("node", {}))
     if "inter_node" in cluster:
         node = replace(node, inter_node=cluster["inter_node"])

@@ -123,16 +123,18 @@ def evaluate_table(kind: str, results: list[RowResult]) -> str:
         if "predicted_peak_mem_gib" in extra and extra.get("memory_capacity_gib"):
             share = extra["predicted_peak_mem_gib"] / extra["memory_capacity_gib"]
             mem = f"{100 * share:.0f}%" + (" over" if share > 1 else "")
+        band = f"{r.interval[0]:,.0f}-{r.interval[1]:,.0f}" if r.interval else ""
         if r.error_pct is None:
-            rows.append([r.id, "-", r.measured if r.measured is not None else "-", "-", f"cannot predict: {r.reason}",
-                         ""])
+            rows.append([r.id, "-", r.measured if r.measured is not None else "-", "-", "",
+                         f"cannot predict: {r.reason}", ""])
         else:
-            rows.append([r.id, f"{r.predicted:,.1f}", f"{r.measured:,.1f}", f"{r.error_pct:+.1f}", r.bottleneck or "",
-                         mem])
-    headers = ["id", f"predicted {unit}", f"measured {unit}", "error%", "bottleneck", "mem/capacity"]
+            rows.append([r.id, f"{r.predicted:,.1f}", f"{r.measured:,.1f}", f"{r.error_pct:+.1f}", band,
+                         r.bottleneck or "", mem])
+    headers = ["id", f"predicted {unit}", f"measured {unit}", "error%", "80% interval", "bottleneck", "mem/capacity"]
     if kind != THROUGHPUT:
-        headers, rows = headers[:-1], [row[:-1] for row in rows]
-    return table(headers, rows, "lrrrlr")
+        headers, rows = headers[:4] + headers[5:-1], [row[:4] + row[5:-1] for row in rows]
+        return table(headers, rows, "lrrrl")
+    return table(headers, rows, "lrrrrlr")
 
 
 def summary_line(kind: str, summary: dict) -> str:
@@ -142,7 +144,9 @@ def summary_line(kind: str, summary: dict) -> str:
     return (f"summary ({what}): {summary['predicted']}/{summary['rows']} rows predicted; "
             f"median |error| {summary['median_abs_error_pct']:.2f}%, mean |error| {summary['mean_abs_error_pct']:.2f}%, "
             f"within 10%: {100 * summary['within_10pct']:.1f}%, within 20%: {100 * summary['within_20pct']:.1f}%, "
-            f"mean signed error {summary['mean_error_pct']:+.2f}%")
+            f"mean signed error {summary['mean_error_pct']:+.2f}%"
+            + (f"; measured inside the 80% interval: {100 * summary['interval_coverage_80']:.1f}% of "
+               f"{summary['intervals']}" if "interval_coverage_80" in summary else ""))
 
 
 def hardware_list(entries: list[tuple[str, Hardware]]) -> str:

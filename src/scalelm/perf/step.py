@@ -69,6 +69,9 @@ class StepResult:
     microbatches: int = 1
     time_bottleneck: str = ""
     """The largest component of the step time, whether or not the memory fits."""
+    sensitivity_s: dict[str, float] = field(default_factory=dict)
+    """Seconds of the step that scale as 1/efficiency of each fitted kernel class (gemm, attention, memory),
+    bubble included: what `fit.py` needs to refit the knobs without re-predicting every run."""
 
     def memory_gib(self) -> dict[str, float]:
         return self.memory.gib() if self.memory else {}
@@ -121,14 +124,24 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     host_f, host_b = op_s * fw.host_ops_per_layer / 3, op_s * fw.host_ops_per_layer * 2 / 3
     layer_f = f_g + attn_f + ew_f + host_f
     layer_b = b_g + attn_b + ew_b + host_b
+    # Seconds of one layer's fwd+bwd that scale inversely with each fitted efficiency (fit.py refits from these).
+    attn_gemm = 0.0 if flash else attn_f - scores_f + attn_b - 1.2 * scores_f
+    sens = {"gemm": f_g + b_g + attn_gemm, "attention": attn_f + attn_b if flash else 0.0,
+            "memory": ew_f + ew_b + (0.0 if flash else 2.2 * scores_f)}
     if lo.recompute == "full":
         recompute = layer_f
+        rc = {"gemm": f_g + (0.0 if flash else attn_f - scores_f), "attention": attn_f if flash else 0.0,
+              "memory": ew_f + (0.0 if flash else scores_f)}
     elif lo.recompute == "selective" and fw.selective_kind == "op":
         recompute = 0.5 * f_g + ew_f
+        rc = {"gemm": 0.5 * f_g, "attention": 0.0, "memory": ew_f}
     elif lo.recompute == "selective" and not flash:
         recompute = attn_f
+        rc = {"gemm": attn_f - scores_f, "attention": 0.0, "memory": scores_f}
     else:
         recompute = 0.0
+        rc = {"gemm": 0.0, "attention": 0.0, "memory": 0.0}
+    sens = {k: v + rc[k] for k, v in sens.items()}
     hf, hb = compute.gemm_fwd_bwd_s(head_gemm(cfg, tokens, tp), hw, gemm_dtype)
     loss = compute.memory_bound_s(logits_bytes_per_token(cfg) * tokens / tp * (0.5 if fw.fused_cross_entropy else 1), hw)
     # Tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter with SP) of the
@@ -158,7 +171,8 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
                 "head_f": hf + loss / 3 + head_host / 3 + head_tp / 2,
                 "head_b": hb + 2 * loss / 3 + 2 * head_host / 3 + head_tp / 2,
                 "tp_exposed": tp_total * (1 - tp_overlap), "tp_hidden": tp_total * tp_overlap,
-                "cp": cp_f + cp_b, "tokens": tokens, "act": act, "n_ar": n_ar}
+                "cp": cp_f + cp_b, "tokens": tokens, "act": act, "n_ar": n_ar, "sens": sens,
+                "head_sens": {"gemm": hf + hb, "attention": 0.0, "memory": loss}}
 
 
 def _stage_params(cfg: ModelConfig, lo: Layout) -> tuple[float, float]:
@@ -288,7 +302,12 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
              "dp_comm": "DP communication", "optimizer": "memory bandwidth", "overhead": "framework overhead"}
     by_time = names[max(time_s, key=time_s.get)]
     bottleneck = by_time if fits else "memory capacity"
-    return StepResult(step, tok_s, mfu, hfu, mem.total / GIB, fits, bottleneck, time_s, hidden, mem, lo, m, by_time)
+    grow = 1.0 + bubble_fraction(schedule, lo.pp, m, lo.vpp)
+    sensitivity = {k: m * (layers * st["sens"][k] + st["head_sens"][k]) * grow for k in st["sens"]}
+    if not lo.offload:
+        sensitivity["memory"] += optimizer
+    return StepResult(step, tok_s, mfu, hfu, mem.total / GIB, fits, bottleneck, time_s, hidden, mem, lo, m, by_time,
+                      sensitivity)
 
 
 def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq_len: int, m: int,

@@ -125,6 +125,10 @@ def test_ring_and_tree_costs():
     link = comm.Link(alpha_s=1e-5, beta_bytes_s=1e11, inter_node=True)
     s, n = 1e9, 16
     assert comm.ring_all_reduce_s(s, n, link) == pytest.approx(2 * 15 * 1e-5 + 2 * 15 / 16 * s / 1e11)
+    # NCCL's cost model (src/graph/tuning.cc): only the hops that cross a node boundary pay the network latency.
+    spread = comm.Link(alpha_s=1e-5, beta_bytes_s=1e11, inter_node=True, intra_alpha_s=1e-6, nodes=2)
+    assert comm.ring_all_gather_s(s, n, spread) == pytest.approx(14 * 1e-6 + 1 * 1e-5 + 15 / 16 * s / 1e11)
+    assert comm.ring_all_reduce_s(s, n, spread) == pytest.approx(2 * (14 * 1e-6 + 1e-5) + 2 * 15 / 16 * s / 1e11)
     assert comm.ring_all_gather_s(s, n, link) == pytest.approx(15 * 1e-5 + 15 / 16 * s / 1e11)
     assert comm.tree_all_reduce_s(s, n, link) == pytest.approx(2 * 4 * 1e-5 + 2 * 15 / 16 * s / 1e11)
     # Small messages: the tree's log-depth latency wins; one rank costs nothing.

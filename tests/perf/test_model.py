@@ -7,8 +7,9 @@ import pytest
 from scalelm.model.counting import num_params
 from scalelm.model.presets import PRESETS, get_preset
 from scalelm.perf.hardware import catalog, load_hardware, networks
+from scalelm.perf.hetero import plan_heterogeneous
 from scalelm.perf.layout import Layout, LayoutError
-from scalelm.perf.planner import best_layout, plan_heterogeneous, search
+from scalelm.perf.planner import best_layout, search
 from scalelm.perf.step import predict_step, total_params
 
 
@@ -78,11 +79,14 @@ def test_planner_finds_fitting_layouts_and_respects_fixed_knobs():
     assert best_layout(cfg, hw, 16, 2048, 64).layout.world == 16
 
 
-def test_heterogeneous_split_gives_faster_devices_more_layers():
-    cfg = get_preset("gpt3-1.3b")
+def test_heterogeneous_split_gives_faster_devices_more_layers_and_equal_step_times():
+    cfg = get_preset("gpt3-2.7b")
     split = plan_heterogeneous(cfg, [(load_hardware("a100-80gb"), 8), (load_hardware("h100-sxm-80gb"), 8)], 2048, 64)
-    assert sum(s["layers"] for s in split) == cfg.n_layer
-    assert split[1]["layers"] > split[0]["layers"]
+    assert sum(s.layers for s in split) == cfg.n_layer
+    assert split[1].layers > split[0].layers
+    times = [s.result.step_time_s for s in split]
+    assert max(times) <= 1.10 * min(times)
+    assert all(s.result.fits and s.result.layout.world == s.devices for s in split)
 
 
 def test_perf_never_imports_torch():

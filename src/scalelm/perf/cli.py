@@ -18,12 +18,14 @@ from scalelm.model.counting import num_params
 from scalelm.model.presets import PRESETS, get_preset
 from scalelm.perf import report
 from scalelm.perf.evaluate import THROUGHPUT, RowError, evaluate_file, to_json
-from scalelm.perf.frameworks import PROFILES
+from scalelm.perf.frameworks import FP8_RECIPES, NAMES, Features, build_framework
 from scalelm.perf.hardware import HardwareError, catalog, load_hardware, local_hardware_path
+from scalelm.perf.hetero import plan_heterogeneous
 from scalelm.perf.layout import Layout, LayoutError, check_layout
 from scalelm.perf.planner import RANK_BY, search
 from scalelm.perf.run import estimate_run
 from scalelm.perf.step import predict_step
+from scalelm.perf.uncertainty import group_key, interval, shipped_residuals
 from scalelm.usage import CliParser, UsageError
 
 
@@ -61,14 +63,28 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2-124m", help=f"preset: {', '.join(PRESETS)}")
     for name in ("n-layer", "d-model", "n-head", "n-kv-head", "d-ff", "vocab-size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's shape")
-    p.add_argument("--gpu", help="accelerator from `scalelm hw list` (default a100-80gb)")
+    p.add_argument("--gpu", action="append", metavar="NAME[:COUNT]",
+                   help="accelerator from `scalelm hw list` (default a100-80gb); repeat as NAME:COUNT for a "
+                   "heterogeneous cluster (one pipeline, stages split by speed)")
     p.add_argument("--hardware", help="hardware name, TOML file, or `local` (written by `scalelm calibrate`)")
     p.add_argument("--inter-node", help="inter-node fabric key (networks in `scalelm hw list`)")
     p.add_argument("--gpus", type=int, help="number of devices (default: one node)")
     p.add_argument("--seq", type=int, help="sequence length (default: the model's max_seq_len)")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: one per device)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp8", "fp32"))
-    p.add_argument("--framework", default="scalelm", choices=sorted(PROFILES), help="software profile")
+    p.add_argument("--framework", default="scalelm", choices=sorted(NAMES), help="software profile")
+    p.add_argument("--framework-year", type=int, help="release year (Megatron before 2023: no flash attention)")
+    p.add_argument("--fp8-recipe", choices=FP8_RECIPES, help="fp8 scaling: delayed (Transformer Engine) or current")
+    for name, what in (("flash-attention", "fused attention kernel"), ("compile", "torch.compile of the model"),
+                       ("tp-overlap", "TP communication overlapped with GEMMs (async TP)"),
+                       ("dp-overlap", "gradient/ZeRO communication overlapped with compute"),
+                       ("pp-overlap", "pipeline sends overlapped with compute"),
+                       ("activation-offload", "saved activations kept in host memory")):
+        dest = name.replace("-", "_")
+        p.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=what)
+        p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--distributed-optimizer", action="store_true", default=None,
+                   help="shard optimizer states over data parallel (ZeRO-1) when --zero is not given")
     p.add_argument("--tokens", type=float, help="tokens to train (default: 20 per parameter, Chinchilla)")
     p.add_argument("--top", type=int, default=5, help="layouts to print")
     p.add_argument("--rank-by", default="throughput", choices=RANK_BY)
@@ -98,15 +114,82 @@ def _model(args):
     return cfg
 
 
-def _hardware(args):
-    if args.hardware and args.gpu:
+def _gpu_groups(args) -> list[tuple[str, int | None]]:
+    """--gpu values as (name, count or None); a count needs the NAME:COUNT form with a positive integer."""
+    groups = []
+    for value in args.gpu or []:
+        name, _, count = value.partition(":")
+        if count and not (count.isdigit() and int(count) > 0):
+            raise UsageError(f"--gpu {value}: the count after ':' must be a positive integer, e.g. a100-80gb:64")
+        groups.append((name, int(count) if count else None))
+    if len(groups) > 1 and any(c is None for _, c in groups):
+        raise UsageError("several --gpu values make a heterogeneous cluster: give each a count, "
+                         "e.g. --gpu a100-80gb:64 --gpu h100-sxm-80gb:32")
+    return groups
+
+
+def _hardware(args, gpu: str | None = None):
+    if args.hardware and gpu:
         hw = load_hardware(args.hardware)
-        if hw.key != args.gpu:
-            raise HardwareError(f"--gpu {args.gpu} contradicts --hardware {args.hardware} (which is {hw.key}); "
+        if hw.key != gpu:
+            raise HardwareError(f"--gpu {gpu} contradicts --hardware {args.hardware} (which is {hw.key}); "
                                 "pass one of them")
     else:
-        hw = load_hardware(args.hardware or args.gpu or "a100-80gb")
+        hw = load_hardware(args.hardware or gpu or "a100-80gb")
     return hw.with_network(args.inter_node) if args.inter_node else hw
+
+
+def _framework(args):
+    feats = Features(name=args.framework, year=args.framework_year, flash_attention=args.flash_attention,
+                     compile=args.compile, fp8_recipe=args.fp8_recipe, tp_overlap=args.tp_overlap,
+                     dp_overlap=args.dp_overlap, pp_overlap=args.pp_overlap,
+                     activation_offload=args.activation_offload)
+    return build_framework(feats)
+
+
+def _interval(hw, res) -> dict | None:
+    """The 80% interval of tokens/s per device for a predicted layout (catalogued accelerators only: a calibrated
+    or hand-written file has no cross-validated runs behind it)."""
+    if hw.efficiency.matmul_kernel is None:
+        return None
+    band = interval(res.tokens_per_s_per_device, shipped_residuals(), group_key(hw.key, res.layout))
+    if band is None:
+        return None
+    lo, hi, used, n = band
+    return {"tokens_per_s_per_device": [lo, hi], "step_time_s": [res.step_time_s * res.tokens_per_s_per_device / hi,
+                                                                  res.step_time_s * res.tokens_per_s_per_device / lo],
+            "from": f"{used} ({n} cross-validated runs)"}
+
+
+def _plan_heterogeneous(args, cfg, groups) -> int:
+    if args.tp or args.pp or args.dp or args.cp or args.zero is not None or args.micro_batch:
+        return _fail("a heterogeneous plan chooses each group's layout; drop --tp/--pp/--dp/--cp/--zero/--micro-batch")
+    hws = [(_hardware(argparse.Namespace(hardware=None, inter_node=args.inter_node), name), n) for name, n in groups]
+    n = sum(c for _, c in hws)
+    seq = args.seq or cfg.max_seq_len
+    gbs = args.global_batch or n
+    plans = plan_heterogeneous(cfg, hws, seq, gbs, args.precision, _framework(args))
+    missing = [p.hardware for p in plans if p.result is None]
+    if missing:
+        return _fail(f"no layout of its layers fits the {', '.join(missing)} group at seq {seq}, global batch {gbs}; "
+                     "add devices to it, lower --seq/--global-batch, or try --precision fp8")
+    step = max(p.result.step_time_s for p in plans)
+    tok = gbs * seq / step / n
+    if args.json:
+        print(json.dumps({"model": cfg.preset, "params": num_params(cfg), "devices": n, "seq_len": seq,
+                          "global_batch": gbs, "step_time_s": step, "tokens_per_s_per_device": tok,
+                          "groups": [p.to_dict() for p in plans]}, indent=2))
+        return 0
+    print(f"{cfg.preset or 'custom'}: {num_params(cfg) / 1e9:.3g}B params, seq {seq}, global batch {gbs} on "
+          + " + ".join(f"{c} x {hw.key}" for hw, c in hws) + " as one pipeline, stages split by speed")
+    rows = [[p.hardware, p.devices, p.layers, p.result.layout.short(), p.result.layout.zero,
+             p.result.layout.micro_batch, f"{p.result.step_time_s:.3f}", f"{p.result.peak_mem_gib:.1f}",
+             p.result.bottleneck] for p in plans]
+    print(report.table(["group", "devices", "layers", "layout", "zero", "mb", "step_s", "mem_GiB", "bottleneck"],
+                       rows, "lrrlrrrrl"))
+    print(f"\nstep {step:.3f} s (the slowest group), {tok:,.0f} tokens/s per device; the transfers between groups "
+          "are not modelled")
+    return 0
 
 
 @_entry_point
@@ -116,15 +199,25 @@ def main_plan(argv: list[str]) -> int:
     args = _plan_parser().parse_args(argv)
     try:
         cfg = _model(args)
-        hw = _hardware(args)
-        n = args.gpus or hw.node.gpus_per_node
+        groups = _gpu_groups(args)
+        if len(groups) > 1:
+            if args.hardware or args.gpus:
+                return _fail("a heterogeneous cluster takes its devices from --gpu NAME:COUNT; drop --hardware/--gpus")
+            return _plan_heterogeneous(args, cfg, groups)
+        gpu, count = groups[0] if groups else (None, None)
+        if count and args.gpus and count != args.gpus:
+            return _fail(f"--gpu {gpu}:{count} contradicts --gpus {args.gpus}; pass one count")
+        hw = _hardware(args, gpu)
+        n = count or args.gpus or hw.node.gpus_per_node
         seq = args.seq or cfg.max_seq_len
         gbs = args.global_batch or n
         if n < 1 or seq < 1 or gbs < 1:
             return _fail("--gpus, --seq and --global-batch must be positive")
         if hw.nodes and n > hw.nodes * hw.node.gpus_per_node:
             return _fail(f"{hw.name} has {hw.nodes * hw.node.gpus_per_node} devices; lower --gpus")
-        fw = PROFILES[args.framework]
+        fw = _framework(args)
+        if args.distributed_optimizer and args.zero is None:
+            args.zero = 1
         fixed = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("cp", args.cp), ("zero", args.zero),
                                    ("micro_batch", args.micro_batch), ("recompute", args.recompute),
                                    ("sequence_parallel", args.sequence_parallel), ("schedule", args.schedule),
@@ -150,6 +243,7 @@ def main_plan(argv: list[str]) -> int:
                              "add devices, lower --seq/--global-batch, or try --precision fp8")
     except (HardwareError, LayoutError, RowError, ValueError, KeyError) as exc:
         return _fail(str(exc).strip("'\""))
+    band = _interval(hw, results[0])
     tokens = args.tokens or 20.0 * num_params(cfg)
     best = results[0]
     run = estimate_run(cfg, hw, best, seq, gbs, tokens)
@@ -168,7 +262,7 @@ def main_plan(argv: list[str]) -> int:
                             "peak_mem_gib": r.peak_mem_gib, "fits": r.fits, "bottleneck": r.bottleneck,
                             "time_s": r.time_s, "hidden_s": r.hidden_s, "memory_gib": r.memory_gib()}
                            for r in results],
-               "run": run.to_dict()}
+               "interval_80": band, "run": run.to_dict()}
         print(json.dumps(out, indent=2))
         return 0
     print(f"{cfg.preset or 'custom'}: {num_params(cfg) / 1e9:.3g}B params, seq {seq}, global batch {gbs} on "
@@ -178,6 +272,10 @@ def main_plan(argv: list[str]) -> int:
     print()
     print(f"best: {best.layout.short()}  zero {best.layout.zero}  micro-batch {best.layout.micro_batch} "
           f"({best.microbatches} per step)  MFU {best.mfu:.3f}  HFU {best.hfu:.3f}")
+    if band:
+        (lo, hi), (s_lo, s_hi) = band["tokens_per_s_per_device"], band["step_time_s"]
+        print(f"80% interval: {lo:,.0f}-{hi:,.0f} tokens/s per device, step {s_lo:.3g}-{s_hi:.3g} s "
+              f"(errors of {band['from']})")
     print(report.breakdown(best))
     print(report.run_summary(run, hw))
     if args.plot:

@@ -26,11 +26,25 @@ from scalelm.perf.hardware import Hardware
 
 @dataclass(frozen=True)
 class Link:
-    """Effective α (s) and β (bytes/s) of a process group, and whether it leaves the node."""
+    """Effective α (s) and β (bytes/s) of a process group, and whether it leaves the node.
+
+    `alpha_s` is the latency of a hop across the slowest link; a ring over several nodes pays it only on the hops
+    that cross a node boundary and `intra_alpha_s` on the others, as NCCL's own cost model does (src/graph/tuning.cc:
+    ring latency = (nsteps - nInterSteps)·intraLat + nInterSteps·interLat, nInterSteps = nodes - 1 per pass)."""
 
     alpha_s: float
     beta_bytes_s: float
     inter_node: bool
+    intra_alpha_s: float = 0.0
+    nodes: int | None = None
+    """Nodes the group spans; None: every hop is taken to cross one."""
+
+    def ring_latency_s(self, n: int, passes: int = 1) -> float:
+        """Latency of `passes` trips around a ring of n ranks (1: all-gather/reduce-scatter, 2: all-reduce)."""
+        if not self.inter_node or self.nodes is None:
+            return passes * (n - 1) * self.alpha_s
+        inter = min(n - 1, self.nodes - 1)
+        return passes * ((n - 1 - inter) * self.intra_alpha_s + inter * self.alpha_s)
 
 
 def group_link(hw: Hardware, size: int, ranks_per_node: int) -> Link:
@@ -42,22 +56,24 @@ def group_link(hw: Hardware, size: int, ranks_per_node: int) -> Link:
     domain = max(node.gpus_per_node, node.nvlink_domain)
     if size <= ranks_per_node and size <= domain:
         return Link(node.intra_node_latency_us * 1e-6, intra_bw, False)
-    share = max(1, min(ranks_per_node, node.gpus_per_node)) / node.gpus_per_node
+    per_node = max(1, min(ranks_per_node, node.gpus_per_node))
+    share = per_node / node.gpus_per_node
     nic_bw = hw.network.node_gb_s * 1e9 * share
-    return Link(hw.network.latency_us * 1e-6, min(intra_bw, nic_bw), True)
+    return Link(hw.network.latency_us * 1e-6, min(intra_bw, nic_bw), True, node.intra_node_latency_us * 1e-6,
+                math.ceil(size / per_node))
 
 
 def ring_all_gather_s(size_bytes: float, n: int, link: Link) -> float:
     """Ring all-gather (or reduce-scatter) of a buffer whose *full* size is `size_bytes`."""
     if n <= 1 or size_bytes <= 0:
         return 0.0
-    return (n - 1) * link.alpha_s + (n - 1) / n * size_bytes / link.beta_bytes_s
+    return link.ring_latency_s(n) + (n - 1) / n * size_bytes / link.beta_bytes_s
 
 
 def ring_all_reduce_s(size_bytes: float, n: int, link: Link) -> float:
     if n <= 1 or size_bytes <= 0:
         return 0.0
-    return 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * size_bytes / link.beta_bytes_s
+    return link.ring_latency_s(n, 2) + 2 * (n - 1) / n * size_bytes / link.beta_bytes_s
 
 
 def tree_all_reduce_s(size_bytes: float, n: int, link: Link) -> float:

@@ -5,8 +5,9 @@ except three factors shared by every device (hardware.FIT_KNOBS): the share of i
 GEMM, a fused attention kernel and an elementwise kernel keep inside a training step. They are fitted to the
 published runs by minimizing the mean |log(predicted / measured)| (robust to a few far-off runs).
 
-Refitting needs no re-prediction: each run's step has a part that scales as 1/knob per kernel class
-(StepResult.sensitivity_s), so step(k) = step0 + sum_c s_c·(k0_c/k_c - 1). The runs of the left-out source are then
+Each run's step has a part that scales as 1/knob per kernel class (StepResult.sensitivity_s), so around knobs k0
+step(k) = step0 + sum_c s_c·(k0_c/k_c - 1): the search runs on that, and a few rounds of exact re-prediction around
+the latest knobs make it exact. The runs of the left-out source are then
 predicted exactly with the knobs fitted without them, and their errors are the cross-validated errors; the same
 errors, pooled by device family and parallel style, give the 80% intervals (uncertainty.py).
 """
@@ -45,10 +46,7 @@ def _line_search(rows: list[RowResult], base: dict[str, float], knobs: dict[str,
     return round(min(fine, key=cost), 4)
 
 
-def fit_knobs(results: list[RowResult], base: dict[str, float] | None = None, sweeps: int = 3) -> dict[str, float]:
-    """Knobs minimizing the mean |log error| of `results` (predicted with `base`), by coordinate descent. A knob no
-    run depends on keeps its base value."""
-    base = dict(base or fitted_knobs())
+def _fit_linear(results: list[RowResult], base: dict[str, float], sweeps: int = 3) -> dict[str, float]:
     rows = [r for r in results if r.error_pct is not None and r.sensitivity_s and r.step_time_s]
     knobs = dict(base)
     for _ in range(sweeps):
@@ -58,18 +56,36 @@ def fit_knobs(results: list[RowResult], base: dict[str, float] | None = None, sw
     return knobs
 
 
+def fit_knobs(rows: list[dict], results: list[RowResult] | None = None, rounds: int = 3) -> dict[str, float]:
+    """Knobs minimizing the mean |log error| over `rows` (a knob no run depends on keeps its shipped value).
+
+    Each round fits on the first-order model around the current knobs (coordinate descent), then predicts the rows
+    exactly with the new knobs and fits again around them, until the knobs stop moving. `results`: the rows already
+    predicted with the shipped knobs (saves the first pass)."""
+    knobs = fitted_knobs()
+    results = results if results is not None else [evaluate_row(r, THROUGHPUT) for r in rows]
+    for i in range(rounds):
+        new = _fit_linear(results, knobs)
+        if all(abs(new[k] - knobs[k]) < 5e-4 for k in knobs):
+            return new
+        knobs = new
+        if i < rounds - 1:
+            results = [evaluate_row(r, THROUGHPUT, knobs) for r in rows]
+    return knobs
+
+
 def cross_validate(rows: list[dict], kind: str = THROUGHPUT) -> tuple[list[RowResult], dict, dict[str, dict]]:
     """Leave-one-source-out: for each source, refit the knobs on the others and predict its runs. Returns the
     left-out results (each with the 80% interval from the other sources' cross-validated errors), the summary and
     the knobs of each fold."""
-    base = fitted_knobs()
     first = [evaluate_row(r, kind) for r in rows]
     sources = sorted({r.source for r in first})
     folds: dict[str, dict] = {}
     out: list[RowResult] = list(first)
     if kind == THROUGHPUT:
         for src in sources:
-            knobs = fit_knobs([r for r in first if r.source != src], base)
+            train = [(row, r) for row, r in zip(rows, first) if r.source != src]
+            knobs = fit_knobs([row for row, _ in train], [r for _, r in train])
             folds[src] = knobs
             for i, (row, r) in enumerate(zip(rows, first)):
                 if r.source == src:
@@ -88,9 +104,8 @@ def residual_table(results: list[RowResult]) -> list[Residual]:
 
 def write_fit(path: str | Path, rows: list[dict], cv_results: list[RowResult]) -> dict[str, float]:
     """Fit the knobs on all rows and write them with the cross-validated errors (the shipped fit.toml)."""
-    base = fitted_knobs()
     first = [evaluate_row(r, THROUGHPUT) for r in rows]
-    knobs = fit_knobs(first, base)
+    knobs = fit_knobs(rows, first)
     sources = sorted({r.source for r in first if r.error_pct is not None})
     used = sum(r.error_pct is not None for r in first)
     lines = ["# Written by `scalelm plan evaluate RUNS --cv source --write-fit`: the fitted knobs (hardware.FIT_KNOBS)",

@@ -38,6 +38,10 @@ class Framework:
     fsdp_comm_per_microbatch: bool = True
     """ZeRO-3 re-gathers parameters and reduce-scatters gradients on every micro-batch."""
     reshard_after_forward: bool = True
+    zero3_gathers_per_layer: int = 1
+    """ZeRO-3 collectives per block and pass: FSDP gathers a wrapped block as one unit; DeepSpeed ZeRO-3 gathers each
+    submodule's parameters as it runs (deepspeed/runtime/zero/partitioned_param_coordinator.py, fetch_sub_module):
+    the four linear layers and two norms of a block."""
     tp_overlap: float = 0.0
     """Share of tensor-parallel collective time hidden behind GEMMs (async TP / comm-GEMM overlap)."""
     pp_overlap: float = 0.5
@@ -115,7 +119,7 @@ PROFILES: dict[str, Framework] = {
                                defaults=dict(_MEGATRON_DEFAULTS, zero=0, recompute="full")),
     # DeepSpeed (ZeRO 1-3), eager PyTorch kernels, communication overlapped by buckets.
     "deepspeed": Framework("deepspeed", elementwise_factor=0.9, dp_overlap=0.8, fsdp_overlap=0.8,
-                           fsdp_fp32_shard=False,
+                           fsdp_fp32_shard=False, zero3_gathers_per_layer=6,
                            defaults=dict(_FSDP_DEFAULTS, zero=1)),
     # Composer / llm-foundry: PyTorch FSDP (FULL_SHARD), FlashAttention, eager elementwise ops (no
     # compile), FSDP forward/backward prefetch; gradients reduce-scattered every micro-batch. MPT's

@@ -7,13 +7,12 @@ parallel on/off when tp > 1; schedule 1F1B, interleaved (v in 2, 4 dividing the 
 ZB-H1, GPipe. Memory is checked before time, and per-layer kernel times are cached across layouts that
 only differ in pp/dp/ZeRO, which keeps gpt3-175b on 1024 GPUs well under two seconds.
 
-Heterogeneous clusters are modelled as what they must run: one pipeline with stages sized to each
-device group's speed (`plan_heterogeneous`), data parallelism only inside each group.
+Heterogeneous clusters: hetero.plan_heterogeneous.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from scalelm.model.config import ModelConfig
 from scalelm.perf.frameworks import PROFILES, Framework
@@ -126,20 +125,3 @@ def best_layout(cfg: ModelConfig, hw: Hardware, n_devices: int, seq_len: int, gl
     """The fastest layout that fits, or None; what `scalelm train --parallel auto` asks for."""
     plan = search(cfg, hw, n_devices, seq_len, global_batch, precision, framework, top_k=1)
     return plan.results[0] if plan.results else None
-
-
-def plan_heterogeneous(cfg: ModelConfig, groups: list[tuple[Hardware, int]], seq_len: int, global_batch: int,
-                       precision: str = "bf16") -> list[dict]:
-    """Split the layers over device groups in proportion to their throughput (one pipeline stage group
-    per device type), so every stage takes about the same time; returns layers and predicted stage time
-    per group. Modelled: compute speed and memory of each group; not modelled: the cross-group link."""
-    speeds = []
-    for hw, n in groups:
-        r = best_layout(replace(cfg, n_layer=max(1, cfg.n_layer // len(groups))), hw, n, seq_len, global_batch,
-                        precision)
-        speeds.append(0.0 if r is None else r.tokens_per_s_per_device * n)
-    total = sum(speeds) or 1.0
-    layers = [max(1, round(cfg.n_layer * s / total)) for s in speeds]
-    layers[-1] += cfg.n_layer - sum(layers)
-    return [{"hardware": hw.key, "devices": n, "layers": k, "relative_speed": round(s / total, 3)}
-            for (hw, n), k, s in zip(groups, layers, speeds)]

@@ -231,9 +231,19 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     dp_exposed = dp_hidden = 0.0
     if n_rep > 1:
         grad_wire = psi_stage * fw.grad_comm_bytes
+        gather_rpn = min(rpn, shard)
         if lo.zero == 3:
-            ag = comm.all_gather_s(psi_stage * fw.param_gather_bytes, shard, hw, min(rpn, shard))
-            rs = comm.all_gather_s(grad_wire, shard, hw, min(rpn, shard))
+            # Collectives per unit as the framework issues them (one per FSDP block, one per submodule under
+            # DeepSpeed), each paying its own ring latency; the embedding and head are one more unit.
+            block = block_params(cfg) / lo.tp
+            k = fw.zero3_gathers_per_layer
+
+            def per_unit(bytes_per_param: float) -> float:
+                one = k * comm.all_gather_s(block * bytes_per_param / k, shard, hw, gather_rpn)
+                rest = comm.all_gather_s(max(0.0, psi_stage - layers * block) * bytes_per_param, shard, hw, gather_rpn)
+                return layers * one + rest
+
+            ag, rs = per_unit(fw.param_gather_bytes), per_unit(fw.grad_comm_bytes)
             regather = fw.reshard_after_forward and lo.pp == 1
             per_sync = ag * (2 if regather else 1) + rs
             syncs = m if (fw.fsdp_comm_per_microbatch and lo.pp == 1) else 1
@@ -242,6 +252,15 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
                 total += comm.all_reduce_s(grad_wire / shard, n_rep // shard, hw, 1)
             window = busy * fw.fsdp_overlap * overlap
             dp_exposed = max(0.0, total - window) + ag / max(1, layers)
+        elif lo.zero == 2 and m > 1:
+            # Only the gradient shard is kept, so every micro-batch's gradients are reduce-scattered behind its own
+            # backward; the updated weights are all-gathered once per step, before the next forward.
+            rs = comm.all_gather_s(grad_wire, shard, hw, gather_rpn)
+            ag = comm.all_gather_s(psi_stage * fw.param_gather_bytes, shard, hw, gather_rpn)
+            host = (layers + 1) * hw.efficiency.fsdp_unit_us * 1e-6
+            total = m * (rs + host) + ag
+            window = t_b * fw.dp_overlap * overlap
+            dp_exposed = m * max(0.0, rs + host - window) + max(0.0, ag - t_f * fw.dp_overlap * overlap)
         else:
             total = comm.all_reduce_s(grad_wire, n_rep, hw, rpn)
             if lo.zero == 2:  # FSDP without resharding: the same per-unit host work as ZeRO-3
@@ -263,7 +282,14 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
         mats = len(block_matrices(cfg)) * layers / shard
         ns = sum(compute.gemm_time_s(g.m, g.n, g.k, hw, ns_dtype) for g in newton_schulz_gemms(cfg)) * layers / shard
         optimizer += ns + mats * (3 * 5 + 10) * hw.efficiency.host_op_us * 1e-6
-    step = busy + bubble + p2p + dp_exposed + optimizer + fw.step_overhead_s
+    offload = 0.0
+    if fw.activation_offload:
+        # Every saved activation goes to the host in the forward and back for the backward, over PCIe, behind compute.
+        per_layer_act = layer_activation_bytes(cfg, seq_len // lo.cp, lo.micro_batch, lo.tp, lo.sequence_parallel,
+                                               lo.recompute, lo.flash_attention and fw.flash_attention, fw.dropout,
+                                               fw.selective_kind)
+        offload = max(0.0, 2 * m * layers * per_layer_act / (hw.node.pcie_gb_s * 1e9) - busy)
+    step = busy + bubble + p2p + dp_exposed + optimizer + fw.step_overhead_s + offload
 
     # ---- breakdown and bottleneck -----------------------------------------------------------------------
     scale = m * layers
@@ -280,6 +306,7 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
         "dp_comm": dp_exposed,
         "optimizer": optimizer,
         "overhead": fw.step_overhead_s + host,
+        "offload": offload,
     }
     # The compute/memory split above is an attribution of `busy`; rescale so the parts sum to the step.
     parts = sum(time_s.values())
@@ -299,7 +326,8 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     hfu = mfu * extra
     names = {"compute": "compute", "memory_bw": "memory bandwidth", "tp_comm": "TP communication",
              "cp_comm": "CP communication", "pp_bubble": "pipeline bubble", "pp_comm": "PP communication",
-             "dp_comm": "DP communication", "optimizer": "memory bandwidth", "overhead": "framework overhead"}
+             "dp_comm": "DP communication", "optimizer": "memory bandwidth", "overhead": "framework overhead",
+             "offload": "host transfers"}
     by_time = names[max(time_s, key=time_s.get)]
     bottleneck = by_time if fits else "memory capacity"
     grow = 1.0 + bubble_fraction(schedule, lo.pp, m, lo.vpp)
@@ -329,17 +357,18 @@ def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, se
     layers = math.ceil(cfg.n_layer / lo.pp)
     schedule = "interleaved" if lo.vpp > 1 and lo.schedule == "1f1b" else lo.schedule
     in_flight = in_flight_microbatches(schedule, lo.pp, m, lo.vpp)
-    working = 0.0
-    if lo.recompute != "none":
-        # Backward of a recomputed layer rebuilds its full activations once.
-        # Backward of a recomputed layer rebuilds its full activations once, plus gradients of about
-        # half of them alive at a time; with SP the all-gathered layer input and its gradient are full size.
-        working = 1.5 * layer_activation_bytes(cfg, s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, "none",
-                                               flash, fw.dropout)
-        if lo.sequence_parallel:
-            working += 2 * 2 * s_loc * lo.micro_batch * cfg.d_model
+    # The backward of one layer holds gradients of about half its activations at a time; what the recompute rebuilds
+    # for that layer comes on top (all of it for full recompute, the recomputed half for op-level SAC, the attention
+    # scores for selective without a fused kernel); with SP the all-gathered layer input and its gradient are full.
+    full = layer_activation_bytes(cfg, s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, "none", flash, fw.dropout)
+    rebuilt = {"full": full, "none": 0.0}.get(lo.recompute, full - per_layer)
+    working = 0.5 * full + max(0.0, rebuilt)
+    if lo.sequence_parallel:
+        working += 2 * 2 * s_loc * lo.micro_batch * cfg.d_model
     if lo.precision == "fp8":
         per_layer *= 0.9  # fp8 copies of saved GEMM inputs replace some bf16 ones (torchao float8)
+    if fw.activation_offload:  # the layer at work and the next one prefetched stay; the rest wait in host memory
+        layers, in_flight = min(layers, 2), 1.0
     first = per_layer * layers * in_flight + working
     tokens = lo.micro_batch * s_loc
     logits = tokens * cfg.vocab_size / lo.tp * fw.loss_bytes_per_logit

@@ -96,3 +96,53 @@ def test_short_run_summary_uses_small_units(capsys):
     assert rc == 0
     assert "0.0 days" not in out and "0.0 MWh" not in out and "0.0 t" not in out
     assert " min wall" in out and " Wh " in out and " g CO2e" in out
+
+
+def test_evaluate_cv_source_json_gives_left_out_errors(capsys):
+    rc, out, _ = _run(main_plan, ["evaluate", "tests/perf/data/dev_runs.csv", "--cv", "source", "--json"], capsys)
+    data = json.loads(out)
+    assert rc == 0 and len(data["rows"]) == 169 and len(data["cv"]["knobs_by_left_out_source"]) == 4
+    row = data["rows"][0]
+    assert row["error_pct"] is not None and row["interval_80"][0] < row["predicted_tokens_per_s_per_gpu"]
+    assert data["summary"]["median_abs_error_pct"] <= 6.0 and "interval_coverage_80" in data["summary"]
+
+
+def test_write_fit_needs_cv(capsys, tmp_path):
+    rc, _out, err = _run(main_plan, ["evaluate", "tests/perf/data/dev_runs.csv", "--write-fit",
+                                     str(tmp_path / "f.toml")], capsys)
+    assert rc == 2 and err.startswith("error: --write-fit needs --cv source")
+
+
+def test_plan_prints_an_interval_and_takes_structured_flags(capsys):
+    argv = ["--model", "gpt3-1.3b", "--gpu", "h100-sxm-80gb", "--gpus", "16", "--global-batch", "64", "--top", "1"]
+    rc, out, _ = _run(main_plan, argv + ["--framework", "nemo", "--precision", "fp8", "--fp8-recipe", "delayed",
+                                         "--no-flash-attention", "--json"], capsys)
+    data = json.loads(out)
+    lo, hi = data["interval_80"]["tokens_per_s_per_device"]
+    assert rc == 0 and lo < data["layouts"][0]["tokens_per_s_per_device"] < hi
+    rc, out, _ = _run(main_plan, argv, capsys)
+    assert rc == 0 and "80% interval:" in out
+
+
+def test_heterogeneous_cluster_from_the_command_line(capsys):
+    argv = ["--model", "gpt3-6.7b", "--gpu", "a100-80gb:16", "--gpu", "h100-sxm-80gb:8", "--global-batch", "96"]
+    rc, out, _ = _run(main_plan, argv + ["--json"], capsys)
+    data = json.loads(out)
+    times = [g["step_time_s"] for g in data["groups"]]
+    assert rc == 0 and [g["devices"] for g in data["groups"]] == [16, 8]
+    assert sum(g["layers"] for g in data["groups"]) == 32 and max(times) <= 1.10 * min(times)
+    assert data["step_time_s"] == max(times)
+    rc, out, _ = _run(main_plan, argv, capsys)
+    assert rc == 0 and "a100-80gb" in out and "h100-sxm-80gb" in out and "layers" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--gpu", "a100-80gb:x"], "positive integer"),
+    (["--gpu", "a100-80gb:8", "--gpu", "h100-sxm-80gb"], "give each a count"),
+    (["--gpu", "a100-80gb:8", "--gpu", "h100-sxm-80gb:8", "--tp", "2"], "chooses each group's layout"),
+    (["--gpu", "a100-80gb:8", "--gpus", "16"], "contradicts --gpus"),
+    (["--framework", "caffe"], "invalid choice"),
+])
+def test_heterogeneous_and_framework_errors_are_one_line(argv, needle, capsys):
+    rc, _out, err = _run(main_plan, ["--model", "gpt3-1.3b"] + argv, capsys)
+    assert rc == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1

@@ -30,7 +30,7 @@ def runs():
 
 def test_dev_runs_accuracy(runs):
     kind, _results, summary = runs
-    assert kind == THROUGHPUT and summary["predicted"] == summary["rows"] == 167
+    assert kind == THROUGHPUT and summary["predicted"] == summary["rows"] == 169
     assert summary["median_abs_error_pct"] <= 7.0
     assert summary["within_10pct"] >= 0.75
 

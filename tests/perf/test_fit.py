@@ -30,11 +30,11 @@ def cv():
 def test_cross_validated_accuracy_and_calibration(cv):
     """Acceptance 1 and 4: each source predicted with knobs fitted on the others; 80% intervals hold 70-90%."""
     _rows, results, summary, folds = cv
-    assert summary["predicted"] == summary["rows"] == 167
+    assert summary["predicted"] == summary["rows"] == 169
     assert summary["median_abs_error_pct"] <= 6.0
     assert summary["within_10pct"] >= 0.70
     assert 0.70 <= summary["interval_coverage_80"] <= 0.90
-    assert len(folds) == len({r.source for r in results}) == 3
+    assert len(folds) == len({r.source for r in results}) == 4
 
 
 def test_left_out_rows_are_predicted_with_their_folds_knobs(cv):
@@ -54,7 +54,7 @@ def test_shipped_knobs_are_the_fit_on_all_runs(cv):
     assert refit == pytest.approx(shipped, abs=0.003)
     with open(FIT_PATH, "rb") as f:
         data = tomllib.load(f)
-    assert data["fit"]["runs"] == 167 and len(data["fit"]["sources"]) == 3
+    assert data["fit"]["runs"] == 169 and len(data["fit"]["sources"]) == 4
 
 
 def test_fit_recovers_the_knobs_that_made_the_data():
@@ -90,7 +90,7 @@ def test_interval_reads_the_pool_of_comparable_runs():
 
 def test_evaluate_reports_interval_coverage():
     _kind, results, summary = evaluate_file(DATA / "dev_runs.csv")
-    assert summary["intervals"] == 167 and 0.7 <= summary["interval_coverage_80"] <= 1.0
+    assert summary["intervals"] == 169 and 0.7 <= summary["interval_coverage_80"] <= 1.0
     assert all(r.interval[0] < r.predicted < r.interval[1] for r in results)
 
 

@@ -323,7 +323,7 @@ def main_evaluate(argv: list[str]) -> int:
         if folds is not None:
             print("cross-validated: each source predicted with the knobs fitted on the others (" +
                   ("nothing is fitted for memory" if kind != THROUGHPUT else
-                   "; ".join(f"{src[:40]}: " + " ".join(f"{k} {v:g}" for k, v in kn.items())
+                   "; ".join(f"{src[:70]}: " + " ".join(f"{k} {v:g}" for k, v in kn.items())
                              for src, kn in folds.items())) + ")")
         if args.write_fit:
             print(f"wrote {args.write_fit}")

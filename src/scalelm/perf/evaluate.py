@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scalelm.model.config import ModelConfig
+from scalelm.perf.accounting import megatron_memory
 from scalelm.perf.frameworks import Features, Framework, framework_from
 from scalelm.perf.hardware import Hardware, HardwareError, load_hardware
 from scalelm.perf.layout import Layout
-from scalelm.perf.memory import RESERVED_OVER_ALLOCATED
+from scalelm.perf.memory import ALLOCATOR_MARGIN, RESERVED_OVER_ALLOCATED
 from scalelm.perf.step import predict_memory, predict_step
 from scalelm.perf.uncertainty import group_key, interval, shipped_residuals
 
@@ -193,11 +194,17 @@ def evaluate_row(row: dict, kind: str, knobs: dict[str, float] | None = None) ->
         else:
             m = max(1, math.ceil(gbs / (lo.dp * lo.micro_batch)))
             mem = predict_memory(cfg, hw, lo, fw, seq, m)
-            pred = mem.total / 2.0**30
+            # A measured peak is what PyTorch's allocator reports: allocated = live tensors; reserved adds the
+            # fragmentation margin and the pool the caching allocator keeps on top.
+            pred = mem.allocated / 2.0**30
             if (row.get("mem_kind") or "allocated").strip() == "reserved":
-                pred *= RESERVED_OVER_ALLOCATED
+                pred *= (1 + ALLOCATOR_MARGIN) * RESERVED_OVER_ALLOCATED
             bottleneck = None
             extra = {"mem_kind": row.get("mem_kind"), "breakdown_gib": mem.gib(), "framework_profile": fw.name}
+            if fw.name.startswith("megatron"):
+                theory = megatron_memory(cfg, lo.tp, lo.pp, lo.dp * lo.cp, lo.zero >= 1, seq, lo.micro_batch,
+                                         lo.vpp if lo.vpp > 1 else None, m, lo.sequence_parallel, lo.recompute)
+                extra["megatron_theoretical_gib"] = round((theory.total or theory.weight_and_optimizer) / 2.0**30, 2)
         if warnings:
             extra["framework_warning"] = "; ".join(warnings)
         err = 100.0 * (pred - measured) / measured

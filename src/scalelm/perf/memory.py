@@ -91,11 +91,21 @@ class MemoryBreakdown:
     buffers: float
     margin: float
     peak_stage: str
+    outside_allocator: float = 0.0
+    """The part of `buffers` that PyTorch's caching allocator never sees (NCCL's channel buffers, allocated by NCCL
+    itself): it takes device memory, but no allocated/reserved counter reports it."""
 
     @property
     def total(self) -> float:
         return (self.params + self.grads + self.optimizer + self.activations + self.logits + self.buffers
                 + self.margin)
+
+    @property
+    def allocated(self) -> float:
+        """What torch.cuda.max_memory_allocated reports at the peak: live tensors only, without the allocator margin
+        (fragmentation shows in reserved memory) and without the buffers outside the allocator."""
+        return (self.params + self.grads + self.optimizer + self.activations + self.logits + self.buffers
+                - self.outside_allocator)
 
     def gib(self) -> dict[str, float]:
         g = 2.0**30

@@ -48,6 +48,10 @@ OPTIMIZER_BYTES_PER_PARAM = 34.0
 (12), write the bf16 copy (2), read the grad again for the norm (4)."""
 COMM_BUFFER_BYTES = 0.5 * GIB
 """NCCL channels, cuBLAS workspaces and DDP buckets, per process (order of 0.3-1 GiB in practice)."""
+NCCL_BUFFER_BYTES = 0.375 * GIB
+"""The NCCL share of COMM_BUFFER_BYTES, outside PyTorch's allocator: per peer connection NCCL allocates NCCL_BUFFSIZE
+(4 MiB default) for each of the Simple/LL/LL128 protocols and channels (NCCL environment-variable docs), a few hundred
+MiB for a process with several communicators; cuBLAS workspaces and bucket views stay inside the allocator."""
 
 
 @dataclass
@@ -389,7 +393,7 @@ def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, se
             buffers += psi_stage * 2 + (psi_stage * 4 if m > 1 else psi_layer * 4)
     subtotal = states["params"] + states["grads"] + states["optimizer"] + acts + logit_bytes + buffers
     return MemoryBreakdown(states["params"], states["grads"], states["optimizer"], acts, logit_bytes, buffers,
-                           ALLOCATOR_MARGIN * subtotal, stage)
+                           ALLOCATOR_MARGIN * subtotal, stage, NCCL_BUFFER_BYTES)
 
 
 def total_params(cfg: ModelConfig) -> int:

@@ -80,10 +80,10 @@ def test_planner_finds_fitting_layouts_and_respects_fixed_knobs():
 
 
 def test_heterogeneous_split_gives_faster_devices_more_layers_and_equal_step_times():
-    cfg = get_preset("gpt3-2.7b")
-    split = plan_heterogeneous(cfg, [(load_hardware("a100-80gb"), 8), (load_hardware("h100-sxm-80gb"), 8)], 2048, 64)
+    cfg = get_preset("gpt3-13b")
+    split = plan_heterogeneous(cfg, [(load_hardware("a100-80gb"), 16), (load_hardware("h100-sxm-80gb"), 8)], 2048, 64)
     assert sum(s.layers for s in split) == cfg.n_layer
-    assert split[1].layers > split[0].layers
+    assert split[1].layers / 8 > split[0].layers / 16  # per device, the faster group holds more
     times = [s.result.step_time_s for s in split]
     assert max(times) <= 1.10 * min(times)
     assert all(s.result.fits and s.result.layout.world == s.devices for s in split)

@@ -21,7 +21,7 @@ from scalelm.perf.planner import search
 from scalelm.perf.step import StepResult
 
 ROUNDS = 4
-"""Rebalancing rounds: split by measured per-layer time, re-plan each group, repeat."""
+"""Rebalancing rounds: split by each group's planned step time as a line in its layers, re-plan, repeat."""
 
 
 @dataclass
@@ -41,16 +41,12 @@ class GroupPlan:
                 "tokens_per_s_per_device": None if r is None else r.tokens_per_s_per_device}
 
 
-def _balance(per_layer_s: list[float], n_layer: int) -> list[int]:
-    """Whole layers per group minimizing the slowest group's time max_g(c_g·L_g), each group at least one layer."""
-    inv = [1.0 / c for c in per_layer_s]
-    share = [n_layer * x / sum(inv) for x in inv]
-    layers = [max(1, int(s)) for s in share]
-    while sum(layers) > n_layer:
-        g = max((g for g in range(len(layers)) if layers[g] > 1), key=lambda g: per_layer_s[g] * layers[g])
-        layers[g] -= 1
-    while sum(layers) < n_layer:  # give each remaining layer where it finishes soonest
-        g = min(range(len(layers)), key=lambda g: per_layer_s[g] * (layers[g] + 1))
+def _balance(fixed_s: list[float], per_layer_s: list[float], n_layer: int) -> list[int]:
+    """Whole layers per group minimizing the slowest group's time max_g(a_g + c_g·L_g), each group at least one layer:
+    give each layer, one at a time, to the group it finishes soonest on (optimal for costs linear in L_g)."""
+    layers = [1] * len(per_layer_s)
+    for _ in range(n_layer - len(layers)):
+        g = min(range(len(layers)), key=lambda g: fixed_s[g] + per_layer_s[g] * (layers[g] + 1))
         layers[g] += 1
     return layers
 
@@ -69,14 +65,34 @@ def plan_heterogeneous(cfg: ModelConfig, groups: list[tuple[Hardware, int]], seq
             cache[g, layers] = plan.results[0] if plan.results else None
         return cache[g, layers]
 
-    layers = _balance([1.0 / (hw.accelerator.peak_flops(precision) * n) for hw, n in groups], cfg.n_layer)
+    rates = [1.0 / (hw.accelerator.peak_flops(precision) * hw.efficiency.matmul * n) for hw, n in groups]
+    layers = _balance([0.0] * len(groups), rates, cfg.n_layer)
     for _ in range(ROUNDS):
         results = [best(g, k) for g, k in enumerate(layers)]
         if any(r is None for r in results):
-            break
-        per_layer = [r.step_time_s / k for r, k in zip(results, layers)]
-        new = _balance(per_layer, cfg.n_layer)
+            return [GroupPlan(hw.key, n, k, r) for (hw, n), k, r in zip(groups, layers, results)]
+        new = _balance([0.0] * len(groups), [r.step_time_s / k for r, k in zip(results, layers)], cfg.n_layer)
         if new == layers:
             break
         layers = new
+    # Whole layers and layout jumps leave some imbalance: move single layers from the slowest group to the others
+    # while that lowers the slowest group's time.
+    for _ in range(2 * len(groups)):
+        times = [best(g, k).step_time_s if best(g, k) else float("inf") for g, k in enumerate(layers)]
+        slow = max(range(len(layers)), key=times.__getitem__)
+        if layers[slow] == 1:
+            break
+        trials = []
+        for g in range(len(layers)):
+            if g != slow:
+                moved = list(layers)
+                moved[slow] -= 1
+                moved[g] += 1
+                trials.append(moved)
+        scored = [(max(best(g, k).step_time_s if best(g, k) else float("inf") for g, k in enumerate(t)), t)
+                  for t in trials]
+        top, cand = min(scored)
+        if top >= times[slow]:
+            break
+        layers = cand
     return [GroupPlan(hw.key, n, k, best(g, k)) for g, ((hw, n), k) in enumerate(zip(groups, layers))]

@@ -24,6 +24,7 @@ commands:
   generate   continue prompts with a trained run or checkpoint (KV cache, batches, speculative, --nproc N)
   eval       validation loss, perplexity and bits per token of a checkpoint
   export     write a run in another format (`scalelm export --help` lists them)
+  serve      an OpenAI-compatible HTTP server for a run (batched; /v1/completions, /v1/chat/completions)
   info       parameters, FLOPs/token and weight memory of a model preset
   report     PNG plots of a run's metrics
   plan       predict memory/time/cost of layouts on a cluster; `plan evaluate RUNS.csv`
@@ -232,6 +233,7 @@ def _perf(name: str):
 
 EXPORTERS: dict[str, tuple[str, str]] = {}
 """`scalelm export FORMAT ...` → (module, function) of that format's exporter, each in the package that owns it."""
+EXPORTERS["onnx"] = ("scalelm.infer.onnx_export", "main_export_onnx")
 
 
 def cmd_export(argv: list[str]) -> int:
@@ -256,9 +258,15 @@ def _infer(name: str):
     return run
 
 
+def _serve(argv: list[str]) -> int:
+    from scalelm.serve.cli import main_serve
+
+    return main_serve(argv)
+
+
 COMMANDS = {
     "train": cmd_train, "slurm": cmd_slurm, "prepare": cmd_prepare, "generate": _infer("main_generate"),
-    "eval": _infer("main_eval"), "export": cmd_export, "info": cmd_info, "report": cmd_report,
+    "eval": _infer("main_eval"), "export": cmd_export, "serve": _serve, "info": cmd_info, "report": cmd_report,
     "plan": _perf("main_plan"), "hw": _perf("main_hw"), "calibrate": _perf("main_calibrate"),
 }
 

@@ -37,6 +37,10 @@ def _generate_parser() -> CliParser:
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--nproc", type=int, default=1, help="tensor-parallel generation on N processes (torchrun)")
+    p.add_argument("--runtime", choices=["pytorch", "onnxruntime", "openvino"], default="pytorch",
+                   help="run the model in PyTorch (default) or, exported to ONNX, in onnxruntime or OpenVINO on the CPU")
+    p.add_argument("--onnx", default=None, help="with --runtime onnxruntime|openvino: the file `scalelm export onnx "
+                   "RUN --out FILE --with-cache` wrote (default: export the run to a temporary file first)")
     return p
 
 
@@ -70,6 +74,10 @@ def main_generate(argv: list[str]) -> int:
     except ValueError as e:
         raise UsageError(f"{e}; see `scalelm generate --help`") from None
     prompts = _prompts(args)
+    if args.runtime != "pytorch":
+        return _generate_onnx(args, prompts, sampling)
+    if args.onnx is not None:
+        raise UsageError("--onnx needs --runtime onnxruntime or --runtime openvino")
     if args.nproc > 1 or is_launched():
         return _generate_tp(args, argv, prompts, sampling)
     from scalelm.infer.generate import Generator
@@ -86,6 +94,39 @@ def main_generate(argv: list[str]) -> int:
                                          use_cache=not args.no_cache)
     _print(completions, time.perf_counter() - loaded, f"{', no cache' if args.no_cache else ''}; loading took "
            f"{loaded - start:.2f} s")
+    return 0
+
+
+def _generate_onnx(args, prompts: list[str], sampling) -> int:
+    """The engine over an ONNX export of the run in onnxruntime or OpenVINO (CPU, fp32)."""
+    for flag, value in (("--draft", args.draft), ("--compile", args.compile), ("--no-cache", args.no_cache),
+                        ("--nproc", args.nproc > 1), ("--device", args.device != "cpu")):
+        if value:
+            raise UsageError(f"{flag} works with --runtime pytorch only; leave it out with --runtime {args.runtime}")
+    import tempfile
+
+    from scalelm.data import load_tokenizer
+    from scalelm.infer.generate import Generator
+    from scalelm.infer.load import tokenizer_dir
+    from scalelm.infer.onnx_runtime import OnnxModel
+    from scalelm.train.checkpoint import resolve_checkpoint
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(tokenizer_dir(resolve_checkpoint(args.path)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.onnx
+        if path is None:
+            from scalelm.infer.onnx_export import export_onnx
+            from scalelm.train.checkpoint import load_model
+
+            print("exporting the run to ONNX first (keep a file with `scalelm export onnx RUN --out FILE "
+                  "--with-cache` and pass --onnx FILE)", file=sys.stderr)
+            path = export_onnx(load_model(args.path).float(), Path(tmp) / "model.onnx", with_cache=True)
+        model = OnnxModel(path, args.runtime)
+        loaded = time.perf_counter()
+        completions = Generator(model, tokenizer).generate(prompts, args.max_new_tokens, sampling, seed=args.seed,
+                                                           stop=args.stop)
+    _print(completions, time.perf_counter() - loaded, f", {args.runtime}; loading took {loaded - start:.2f} s")
     return 0
 
 

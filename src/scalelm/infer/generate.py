@@ -5,18 +5,19 @@ each piece of text as soon as it is safe to show. A batch of prompts of differen
 batch whose rows each compute what that prompt would alone (the cache's mask and positions). Sampling is greedy
 or temperature / top-k / top-p with a seeded generator; stop strings end a row across token boundaries and are
 not part of its text; an end token ends it too. Without the cache (`use_cache=False`) every step recomputes each
-row's whole sequence: the reference the cache is tested against.
+row's whole sequence: the reference the cache is tested against. `stream_requests` batches rows that each bring
+their own settings (`Request`: token budget, sampling, seed, stops, logprobs), as a server's concurrent requests do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from scalelm.infer.sampling import Sampling, next_tokens, token_logprobs
+from scalelm.infer.sampling import Sampling, next_tokens
 from scalelm.infer.stops import StopText
 from scalelm.model.gpt import KVCache
 
@@ -35,6 +36,7 @@ class Delta:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    top_logprobs: list[dict[int, float]] | None = None  # per token: the likeliest ids → log p (Request.top_logprobs)
 
 
 @dataclass
@@ -46,6 +48,22 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One row of a `stream_requests` batch with its own settings. seed: the row draws from its own generator, so
+    its text is the same whichever rows share its batch (and equals `generate(prompt, seed=seed)` alone); None: the
+    global RNG. top_logprobs: also report the log probabilities of this many likeliest tokens at each step."""
+
+    prompt: str
+    max_new_tokens: int = 64
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    eos_id: int | None = None
 
 
 class Generator:
@@ -65,7 +83,8 @@ class Generator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
-        self.device = next(model.parameters()).device
+        # A module that runs elsewhere (an ONNX runtime session) names its device; a PyTorch model has parameters.
+        self.device = getattr(model, "device", None) or next(model.parameters()).device
         self.vocab_limit = tokenizer.vocab_size  # rows past it pad the embedding table: never sampled
         self._decode_model = torch.compile(model, dynamic=False) if compile else model
 
@@ -101,26 +120,82 @@ class Generator:
         longest = max(len(i) for i in ids)
         new = min(max_new_tokens, self.cfg.max_seq_len - longest)  # the context bounds the longest row
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        rows = [_Row(StopText(stop)) for _ in prompts]
-        if new == 0:
-            for index in range(len(rows)):
+        requests = [Request(p, new, sampling, stop=tuple(stop), logprobs=logprobs, eos_id=eos_id) for p in prompts]
+        yield from self._decode(ids, requests, [new] * len(ids), lambda logits: next_tokens(logits, sampling, generator),
+                                use_cache)
+
+    def stream_requests(self, requests: Sequence[Request],
+                        cancelled: Callable[[int], bool] | None = None) -> Iterator[Delta]:
+        """Deltas of a batch whose rows each follow their own Request; a row's budget is bounded by the context
+        from its own prompt length. `cancelled(index)` true ends that row silently (its client went away); the
+        batch ends when every row has."""
+        for r in requests:
+            if r.max_new_tokens < 0:
+                raise GenerationError(f"max_new_tokens={r.max_new_tokens} must be >= 0")
+        ids = [self.encode(r.prompt) for r in requests]
+        limits = [min(r.max_new_tokens, self.cfg.max_seq_len - len(i)) for r, i in zip(requests, ids)]
+        generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None
+                      for r in requests]
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            chosen = logits.argmax(dim=-1)  # the greedy rows; the others are drawn below
+            shared: dict[Sampling, list[int]] = {}  # unseeded rows with the same settings: one draw together
+            for index, (r, g) in enumerate(zip(requests, generators)):
+                if r.sampling.greedy:
+                    continue
+                if g is None:
+                    shared.setdefault(r.sampling, []).append(index)
+                else:
+                    chosen[index] = next_tokens(logits[index:index + 1], r.sampling, g)[0]
+            for sampling, rows in shared.items():
+                chosen[rows] = next_tokens(logits[rows], sampling)
+            return chosen
+
+        yield from self._decode(ids, list(requests), limits, choose, True, cancelled)
+
+    def _decode(self, ids: list[list[int]], requests: list[Request], limits: list[int],
+                choose: Callable[[torch.Tensor], torch.Tensor], use_cache: bool,
+                cancelled: Callable[[int], bool] | None = None) -> Iterator[Delta]:
+        """The loop both streams share: row i yields up to limits[i] tokens, each chosen by `choose`."""
+        rows = [_Row(StopText(r.stop)) for r in requests]
+        for index, limit in enumerate(limits):
+            if limit == 0:
+                rows[index].done = True
                 yield Delta(index, "", finish_reason="length")
+        if all(row.done for row in rows):
             return
+        new = max(limits)
+        want_logprobs = any(r.logprobs for r in requests)
+        top = max(r.top_logprobs for r in requests)
+        # Each row's positions count from its own first token: a short prompt with a larger budget may use more
+        # slots of the shared buffer than the context holds while its positions stay inside it.
         steps = self._cached_logits(ids, new) if use_cache else self._recomputed_logits(ids)
         with torch.inference_mode():
             logits = next(steps)
             for step in range(new):
                 logits = logits.float()
                 logits[:, self.vocab_limit:] = float("-inf")
-                chosen = next_tokens(logits, sampling, generator)
-                chosen_lps = token_logprobs(logits, chosen).tolist() if logprobs else None
-                last = step == new - 1
+                chosen = choose(logits)
+                chosen_lps = alternatives = None
+                if want_logprobs:
+                    log_probs = logits.log_softmax(dim=-1)
+                    chosen_lps = log_probs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+                    if top:
+                        values, indices = log_probs.topk(top, dim=-1)
+                        alternatives = [dict(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
                 for index, row in enumerate(rows):
                     if row.done:
                         continue
+                    if cancelled is not None and cancelled(index):
+                        row.done = True
+                        continue
+                    r = requests[index]
                     token = int(chosen[index])
-                    delta = row.add(self.tokenizer, token, chosen_lps[index] if logprobs else None, eos_id, last)
+                    delta = row.add(self.tokenizer, token, chosen_lps[index] if r.logprobs else None, r.eos_id,
+                                    step == limits[index] - 1)
                     delta.index = index
+                    if r.top_logprobs and delta.tokens:
+                        delta.top_logprobs = [dict(list(alternatives[index].items())[:r.top_logprobs])]
                     yield delta
                 if all(row.done for row in rows):
                     return
@@ -145,7 +220,7 @@ class Generator:
         longest = max(len(i) for i in ids)
         pad = torch.tensor([longest - len(i) for i in ids], device=self.device)
         tokens = torch.tensor([[0] * (longest - len(i)) + i for i in ids], device=self.device)  # left padding
-        cache = KVCache(self.cfg.n_layer, longest + new, pad)
+        cache = _BoundedCache(self.cfg.n_layer, longest + new, pad, self.cfg.max_seq_len - 1)
         model = self.model
         while True:
             with torch.inference_mode():
@@ -164,6 +239,20 @@ class Generator:
             chosen = yield logits
             for seq, token in zip(seqs, chosen.tolist()):
                 seq.append(token)
+
+
+class _BoundedCache(KVCache):
+    """A KVCache whose positions stop at the context's last one. A row that has ended keeps its place in the batch
+    while others with shorter prompts go on (stream_requests bounds each row by its own prompt), so its positions
+    would run past the position tables; its outputs are discarded, and live rows never reach the bound."""
+
+    def __init__(self, n_layer: int, max_len: int, pad: torch.Tensor, last_position: int):
+        super().__init__(n_layer, max_len, pad)
+        self.last_position = last_position
+
+    def prepare(self, n_new: int) -> None:
+        super().prepare(n_new)
+        self.positions = self.positions.clamp(max=self.last_position)
 
 
 class _Row:

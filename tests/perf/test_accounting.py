@@ -88,3 +88,21 @@ def test_step_model_states_are_the_zero_formulas(stage):
     theirs = zero_states(1e9, stage, 16)
     assert (ours["params"], ours["grads"], ours["optimizer"]) == (theirs["params"], theirs["grads"],
                                                                   theirs["optimizer"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_profile_states_are_the_zero_paper_formulas(stage):
+    cfg = gpt(24, 2048, 16, 50304)
+    mem = predict_memory(cfg, load_hardware("a100-80gb"), Layout(dp=16, zero=stage), PROFILES["deepspeed"], 2048, 1)
+    psi = mem.params / 2 * (16 if stage == 3 else 1)
+    want = zero_states(psi, stage, 16)
+    assert (mem.params, mem.grads, mem.optimizer) == pytest.approx((want["params"], want["grads"], want["optimizer"]))
+
+
+def test_megatron_fp16_keeps_gradients_in_fp16():
+    """Megatron forces fp32 gradient accumulation only for bf16: an fp16 run holds 2 + 2 + 12 bytes per parameter."""
+    cfg, hw, fw = GPT3_175B, load_hardware("a100-80gb"), PROFILES["megatron-2021"]
+    lo = Layout(tp=8, pp=16, dp=1, recompute="full", sequence_parallel=True)
+    fp16 = predict_memory(cfg, hw, Layout(**{**lo.to_dict(), "precision": "fp16"}), fw, 2048, 1)
+    bf16 = predict_memory(cfg, hw, lo, fw, 2048, 1)
+    assert fp16.grads * 2 == pytest.approx(bf16.grads) and fp16.params == bf16.params

@@ -55,9 +55,12 @@ class Framework:
     fsdp_fp32_shard: bool = True
     """ZeRO-3 as PyTorch FSDP does it: the sharded parameter *is* the fp32 master copy (bf16 weights exist
     only while a layer is gathered), so the states are 4 + grad_bytes + 8 bytes per parameter over the
-    shards. False for DeepSpeed ZeRO-3, which also keeps a bf16 partition (2 + grad_bytes + 12)."""
+    shards. False for DeepSpeed ZeRO-3, which keeps a 16-bit partition besides the fp32 one (2 + 2 + 12)."""
     grad_bytes: int = 4
     """Bytes per gradient element kept for the optimizer (fp32 accumulation is the common default)."""
+    fp16_grad_bytes: int | None = None
+    """`grad_bytes` of fp16 runs where the framework keeps them apart: Megatron accumulates and reduces gradients in
+    the parameters' dtype unless --accumulate-allreduce-grads-in-fp32, which it forces only for bf16."""
     grad_comm_bytes: int = 2
     """Bytes per element on the wire for gradient reduction (bf16 reduce) -- 4 for fp32 reduce."""
     param_gather_bytes: int = 2
@@ -111,15 +114,17 @@ PROFILES: dict[str, Framework] = {
     # layer-norm, fused scale-mask-softmax kernels (Shoeybi 2019; Narayanan 2021 sec. 4.2), vocab-parallel
     # fused cross entropy, bucketed gradient all-reduce overlapped with the backward, FlashAttention from
     # 2023 on. `megatron-2021` is the SC21 code: no flash attention, dropout 0.1, p2p not overlapped.
-    "megatron": Framework("megatron", elementwise_factor=0.7, fused_cross_entropy=True,
+    "megatron": Framework("megatron", elementwise_factor=0.7, fused_cross_entropy=True, fp16_grad_bytes=2,
                           loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.9,
                           tp_overlap=0.0, pp_overlap=0.5, defaults=_MEGATRON_DEFAULTS),
     "megatron-2021": Framework("megatron-2021", flash_attention=False, elementwise_factor=0.7, dropout=True,
+                               fp16_grad_bytes=2,
                                fused_cross_entropy=True, loss_bytes_per_logit=LOSS_BYTES_MEGATRON, dp_overlap=0.0, pp_overlap=0.0,
                                defaults=dict(_MEGATRON_DEFAULTS, zero=0, recompute="full")),
-    # DeepSpeed (ZeRO 1-3), eager PyTorch kernels, communication overlapped by buckets.
+    # DeepSpeed (ZeRO 1-3), eager PyTorch kernels, communication overlapped by buckets; model states as the ZeRO
+    # paper counts them (16-bit weights and gradients, 12 bytes of fp32 optimizer state: accounting.zero_states).
     "deepspeed": Framework("deepspeed", elementwise_factor=0.9, dp_overlap=0.8, fsdp_overlap=0.8,
-                           fsdp_fp32_shard=False, zero3_gathers_per_layer=6,
+                           fsdp_fp32_shard=False, zero3_gathers_per_layer=6, grad_bytes=2,
                            defaults=dict(_FSDP_DEFAULTS, zero=1)),
     # Composer / llm-foundry: PyTorch FSDP (FULL_SHARD), FlashAttention, eager elementwise ops (no
     # compile), FSDP forward/backward prefetch; gradients reduce-scattered every micro-batch. MPT's

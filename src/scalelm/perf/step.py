@@ -348,7 +348,8 @@ def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, se
     if psi_stage is None or psi_layer is None:
         psi_stage, psi_layer = _stage_params(cfg, lo)
     shard = lo.shard if lo.zero >= 1 else 1
-    states = zero_model_state_bytes(psi_stage, lo.zero, shard, k=12, grad_bytes=fw.grad_bytes)
+    grad_bytes = fw.fp16_grad_bytes if lo.precision == "fp16" and fw.fp16_grad_bytes else fw.grad_bytes
+    states = zero_model_state_bytes(psi_stage, lo.zero, shard, k=12, grad_bytes=grad_bytes)
     if lo.zero == 3 and fw.fsdp_fp32_shard:
         # FSDP: the fp32 shard is both the parameter and Adam's master copy; the optimizer adds the moments.
         states["params"], states["optimizer"] = 4.0 * psi_stage / shard, 8.0 * psi_stage / shard

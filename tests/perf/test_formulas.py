@@ -184,9 +184,9 @@ def test_young_daly():
     assert 0.9 < goodput(d, tau, m, restart_s=600) < 1.0
 
 
-def test_fsdp_zero3_states_are_16_bytes_per_parameter_deepspeed_18():
-    """FSDP's fp32 shard is the parameter and Adam's master copy (4 + 4 grad + 8 moments); DeepSpeed ZeRO-3 also
-    keeps a bf16 partition (2 + 4 + 12)."""
+def test_fsdp_zero3_states_are_16_bytes_per_parameter_deepspeed_too():
+    """FSDP's fp32 shard is the parameter and Adam's master copy (4 + 4 grad + 8 moments); DeepSpeed ZeRO-3 keeps a
+    bf16 partition of weights and gradients besides the fp32 master and moments (2 + 2 + 12, the ZeRO paper's count)."""
     from scalelm.model.presets import get_preset
     from scalelm.perf.frameworks import PROFILES
     from scalelm.perf.hardware import load_hardware
@@ -195,7 +195,7 @@ def test_fsdp_zero3_states_are_16_bytes_per_parameter_deepspeed_18():
 
     cfg, hw, lo = get_preset("gpt3-1.3b"), load_hardware("a100-80gb"), Layout(dp=8, zero=3)
     psi = _stage_params(cfg, lo)[0]
-    for name, per_param in (("llm-foundry", 16), ("torchtitan", 16), ("deepspeed", 18)):
+    for name, per_param in (("llm-foundry", 16), ("torchtitan", 16), ("deepspeed", 16)):
         m = predict_memory(cfg, hw, lo, PROFILES[name], 2048, 1)
         assert m.params + m.grads + m.optimizer == pytest.approx(per_param * psi / 8)
 
@@ -417,3 +417,19 @@ def test_bf16_gemms_take_their_own_in_step_efficiency_where_measured():
     measured = cpu(matmul_bf16=0.75)
     assert gemm_time_s(2048, 768, 256, measured, "bf16") == pytest.approx(flops / (0.2e12 * 0.75), rel=1e-12)
     assert gemm_time_s(2048, 768, 256, measured, "fp32") == pytest.approx(flops / (0.1e12 * 0.9), rel=1e-12)
+
+
+def test_nvl72_domain_is_the_scale_up_unit():
+    """GB200 NVL72: 4 GPUs per tray, 72 on one NVLink domain. A TP-8 group or a 72-rank DP group stays on NVLink; a
+    group over two racks reaches the NICs of all its GPUs in a rack (800 Gb/s each), capped by NVLink."""
+    from scalelm.perf.hardware import load_hardware
+
+    hw = load_hardware("gb200")
+    assert hw.node.domain == 72
+    assert not comm.group_link(hw, 8, 8).inter_node and not comm.group_link(hw, 72, 72).inter_node
+    two_racks = comm.group_link(hw, 144, 72)
+    per_gpu_nic = hw.network.node_gb_s * 1e9 / hw.node.gpus_per_node
+    nvlink = hw.node.intra_node_gb_s * 1e9 * hw.node.intra_node_efficiency
+    assert two_racks.inter_node and two_racks.beta_bytes_s == pytest.approx(min(nvlink, 72 * per_gpu_nic))
+    dgx = load_hardware("h100-sxm-80gb")
+    assert comm.group_link(dgx, 16, 8).beta_bytes_s == pytest.approx(dgx.network.node_gb_s * 1e9)

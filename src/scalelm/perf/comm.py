@@ -11,8 +11,8 @@ bandwidth optimality):
   in parallel, all-gather inside the node.
 
 β for a group spread over several nodes is limited by what each node can inject: a group with g ranks per
-node shares that node's NICs with the gpus_per_node/g other groups that run at the same time, so
-β = min(NVLink, node_NIC_bandwidth · g / gpus_per_node). NCCL's rings cross each node boundary once per
+node (per NVLink domain, where one spans several nodes) drives g GPUs' share of the NICs while the other groups use
+the rest, so β = min(NVLink, NIC bandwidth per GPU · g). NCCL's rings cross each node boundary once per
 channel, which is why a group filling its nodes sees the whole node bandwidth, not one NIC's.
 """
 
@@ -53,12 +53,12 @@ def group_link(hw: Hardware, size: int, ranks_per_node: int) -> Link:
     intra_bw = node.intra_node_gb_s * 1e9 * node.intra_node_efficiency
     if size <= 1:
         return Link(0.0, float("inf"), False)
-    domain = max(node.gpus_per_node, node.nvlink_domain)
+    domain = node.domain
     if size <= ranks_per_node and size <= domain:
         return Link(node.intra_node_latency_us * 1e-6, intra_bw, False)
-    per_node = max(1, min(ranks_per_node, node.gpus_per_node))
-    share = per_node / node.gpus_per_node
-    nic_bw = hw.network.node_gb_s * 1e9 * share
+    # Beyond the NVLink domain every rank of the group there drives its own share of the NICs.
+    per_node = max(1, min(ranks_per_node, domain))
+    nic_bw = hw.network.node_gb_s * 1e9 / node.gpus_per_node * per_node
     return Link(hw.network.latency_us * 1e-6, min(intra_bw, nic_bw), True, node.intra_node_latency_us * 1e-6,
                 math.ceil(size / per_node))
 

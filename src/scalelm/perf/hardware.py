@@ -137,6 +137,12 @@ class Node:
     pcie_gb_s: float = 25.0
     """Host link per GPU for offload (PCIe 4 x16 ~ 25 GB/s usable)."""
 
+    @property
+    def domain(self) -> int:
+        """GPUs on one scale-up fabric: the node, or the NVLink domain where it spans several (GB200 NVL72: 72 GPUs
+        over 18 trays of 4). Collectives inside it run on NVLink; beyond it on the NICs."""
+        return max(self.gpus_per_node, self.nvlink_domain)
+
 
 @dataclass(frozen=True)
 class Network:

@@ -90,7 +90,7 @@ def estimate_run(cfg: ModelConfig, hw: Hardware, res: StepResult, seq_len: int, 
     grad_bytes = psi / max(1, (lo.tp * lo.pp) if lo else 1) * 2
     dp = lo.dp if lo else 1
     ps = comm.parameter_server_s(grad_bytes, dp, max(1, n // hw.node.gpus_per_node), hw)
-    ar = comm.all_reduce_s(grad_bytes, dp, hw, max(1, hw.node.gpus_per_node // (lo.tp if lo else 1)))
+    ar = comm.all_reduce_s(grad_bytes, dp, hw, max(1, hw.node.domain // (lo.tp if lo else 1)))
     return RunEstimate(
         tokens=tokens, steps=steps, wall_hours=wall_s / 3600, gpu_hours=gpu_hours,
         cost_usd=gpu_hours * hw.accelerator.price_per_hour_usd, energy_mwh=facility_kwh / 1000,

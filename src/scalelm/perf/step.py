@@ -151,7 +151,7 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     # Tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter with SP) of the
     # activations per layer in the forward, 2 in the backward, 2 more in a full-recompute forward.
     tp_msg = tokens * cfg.d_model * act
-    rpn = min(tp, hw.node.gpus_per_node)
+    rpn = min(tp, hw.node.domain)
     tp_ar = comm.all_reduce_s(tp_msg, tp, hw, rpn) * hw.efficiency.tp_comm_slowdown if tp > 1 else 0.0
     n_ar = 4 + (2 if lo.recompute == "full" else 0)
     tp_total = n_ar * tp_ar
@@ -162,7 +162,7 @@ def _stage_times(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq:
     cp_f = cp_b = 0.0
     if cp > 1:
         kv_bytes = 2 * tokens * cfg.kv_heads * cfg.dim_head * act / max(1, min(tp, cfg.kv_heads))
-        link = comm.group_link(hw, cp, max(1, min(cp, hw.node.gpus_per_node // tp)))
+        link = comm.group_link(hw, cp, max(1, min(cp, hw.node.domain // tp)))
         ring = (cp - 1) * (link.alpha_s + kv_bytes / link.beta_bytes_s)
         cp_f, cp_b = max(0.0, ring - attn_f), max(0.0, 2 * ring - attn_b)
     head_host = op_s * fw.host_ops_fixed
@@ -225,12 +225,12 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
     p2p = 0.0
     if lo.pp > 1:
         msg = st["tokens"] * cfg.d_model * st["act"] / lo.tp
-        inter = lo.tp * lo.cp * lo.dp >= hw.node.gpus_per_node
+        inter = lo.tp * lo.cp * lo.dp >= hw.node.domain
         p2p = 2 * (m * lo.vpp + lo.pp - 1) * comm.p2p_s(msg, hw, inter) * (1 - fw.pp_overlap * overlap)
     # Data-parallel gradient (and ZeRO parameter) traffic over dp x cp replicas of this stage.
     psi_stage, psi_layer = _stage_params(cfg, lo)
     n_rep = lo.dp * lo.cp
-    rpn = max(1, min(n_rep, hw.node.gpus_per_node // lo.tp))
+    rpn = max(1, min(n_rep, hw.node.domain // lo.tp))
     shard = lo.shard if lo.zero >= 1 else 1
     dp_exposed = dp_hidden = 0.0
     if n_rep > 1:

@@ -433,3 +433,12 @@ def test_nvl72_domain_is_the_scale_up_unit():
     assert two_racks.inter_node and two_racks.beta_bytes_s == pytest.approx(min(nvlink, 72 * per_gpu_nic))
     dgx = load_hardware("h100-sxm-80gb")
     assert comm.group_link(dgx, 16, 8).beta_bytes_s == pytest.approx(dgx.network.node_gb_s * 1e9)
+
+
+def test_a_run_counting_the_nvl72_rack_as_its_node_keeps_the_trays_nics():
+    from scalelm.perf.hardware import load_hardware
+
+    hw = load_hardware("gb200")
+    rack = hw.with_network(None, 72)
+    assert (rack.node.gpus_per_node, rack.node.domain) == (4, 72)
+    assert hw.with_network(None, 4).node == hw.node

@@ -209,9 +209,14 @@ class Hardware:
         hw = self
         if inter_node:
             hw = replace(hw, network=load_network(inter_node))
-        if gpus_per_node:
-            domain = max(gpus_per_node, hw.node.nvlink_domain if hw.node.nvlink_domain > hw.node.gpus_per_node else 0)
-            hw = replace(hw, node=replace(hw.node, gpus_per_node=gpus_per_node, nvlink_domain=domain))
+        node = hw.node
+        if gpus_per_node and node.nvlink_domain > node.gpus_per_node and gpus_per_node > node.gpus_per_node:
+            # A run that counts the NVLink rack as its node (GB200 NVL72 as "72 GPUs per node"): the NICs stay the
+            # tray's, one share per GPU, and the rack is the NVLink domain.
+            hw = replace(hw, node=replace(node, nvlink_domain=max(node.nvlink_domain, gpus_per_node)))
+        elif gpus_per_node:
+            domain = max(gpus_per_node, node.nvlink_domain if node.nvlink_domain > node.gpus_per_node else 0)
+            hw = replace(hw, node=replace(node, gpus_per_node=gpus_per_node, nvlink_domain=domain))
         return hw
 
 

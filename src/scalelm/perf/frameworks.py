@@ -286,12 +286,12 @@ def build_framework(feats: Features, described: bool = False) -> Framework:
         fw = replace(fw, flash_attention=feats.flash_attention)
     if feats.tp_overlap is not None:
         fw = replace(fw, tp_overlap=ASYNC_TP_OVERLAP if feats.tp_overlap else 0.0)
-    if feats.dp_overlap is not None:
-        base = PROFILES["megatron"]
-        fw = replace(fw, dp_overlap=base.dp_overlap if feats.dp_overlap else 0.0,
-                     fsdp_overlap=fw.fsdp_overlap if feats.dp_overlap else 0.0)
+    default = Framework("default")
+    if feats.dp_overlap is not None:  # on: the profile's own share, or the default one where the profile has none
+        fw = replace(fw, dp_overlap=(fw.dp_overlap or default.dp_overlap) if feats.dp_overlap else 0.0,
+                     fsdp_overlap=(fw.fsdp_overlap or default.fsdp_overlap) if feats.dp_overlap else 0.0)
     if feats.pp_overlap is not None:
-        fw = replace(fw, pp_overlap=PROFILES["megatron"].pp_overlap if feats.pp_overlap else 0.0)
+        fw = replace(fw, pp_overlap=(fw.pp_overlap or default.pp_overlap) if feats.pp_overlap else 0.0)
     if feats.fp32_grad_reduce:
         fw = replace(fw, grad_comm_bytes=4)
     if feats.activation_offload is not None:

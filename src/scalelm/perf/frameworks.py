@@ -3,8 +3,10 @@
 A run's speed depends on software as much as on silicon: whether attention is a fused flash kernel,
 how much elementwise traffic a compiler fuses away, whether gradient communication overlaps the
 backward, which "selective" recomputation it means. Each profile below states its choices and where
-they come from; `plan evaluate` picks a profile from a run's `framework` text, and an empty optional
-column of a run takes that profile's documented default (`defaults`).
+they come from. A run names its software in structured fields (`Features`: the optional CSV columns and `plan`
+flags); the free-text `framework` column only fills what they leave empty, and a text naming two systems is reported
+(`features_from_text`), not settled by which substring comes first. An empty optional layout column takes the
+profile's documented default (`defaults`).
 """
 
 from __future__ import annotations

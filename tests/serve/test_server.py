@@ -14,7 +14,7 @@ from serve.server import serving, tiny_run
 
 from scalelm.infer import Generator, Sampling
 from scalelm.infer.load import load_for_inference
-from scalelm.serve import create_app
+from scalelm.serve.app import create_app
 from scalelm.serve.template import TURN_STOPS, chat_prompt
 
 KEY = "test-key"

@@ -1,7 +1,4 @@
-"""The OpenAI-compatible server: `scalelm serve RUN` (cli.py), the FastAPI app (app.py), dynamic batching onto the
-generation engine (scheduler.py), request schemas, OpenAI response and error shapes, Prometheus metrics and the
-plain chat template."""
-
-from scalelm.serve.app import create_app
-
-__all__ = ["create_app"]
+"""The OpenAI-compatible server: `scalelm serve RUN` (cli.py), the FastAPI app (app.py: `create_app`), dynamic
+batching onto the generation engine (scheduler.py), request schemas, OpenAI response and error shapes, Prometheus
+metrics and the plain chat template. Importing the package imports none of them, so `scalelm serve` checks its
+flags before loading torch and the web stack."""

@@ -106,6 +106,8 @@ def test_text_naming_two_systems_warns_and_zero3_picks_deepspeed():
     assert "megatron and deepspeed" in res.extra["framework_warning"]
     named = evaluate_row(dict(row, framework_name="megatron"), THROUGHPUT)
     assert named.extra["framework_profile"] == "megatron" and "framework_warning" not in named.extra
+    assert build_framework(Features(name="megatron-deepspeed", zero=3)).name == "deepspeed"
+    assert build_framework(Features(name="megatron-deepspeed", zero=1)).name == "megatron"
 
 
 def test_structured_columns_override_the_text():

@@ -140,7 +140,8 @@ def _hardware(args, gpu: str | None = None):
 
 
 def _framework(args):
-    feats = Features(name=args.framework, year=args.framework_year, flash_attention=args.flash_attention,
+    feats = Features(name=args.framework, year=args.framework_year, zero=args.zero,
+                     distributed_optimizer=args.distributed_optimizer, flash_attention=args.flash_attention,
                      compile=args.compile, fp8_recipe=args.fp8_recipe, tp_overlap=args.tp_overlap,
                      dp_overlap=args.dp_overlap, pp_overlap=args.pp_overlap,
                      activation_offload=args.activation_offload)

@@ -185,7 +185,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 `framework_name` column is empty). `fsdp` names the sharding engine of torchtitan, llm-foundry and scalelm too, so it
 counts only when no other family matches."""
 NAMES = {"megatron-lm": "megatron", "megatron-core": "megatron", "mcore": "megatron", "nemo": "megatron",
-         "megascale": "megatron", "megatron-deepspeed": "deepspeed", "gpt-neox": "deepspeed", "composer": "llm-foundry",
+         "megascale": "megatron", "megatron-deepspeed": "megatron-deepspeed", "gpt-neox": "deepspeed", "composer": "llm-foundry",
          "maxtext": "jax", "t5x": "jax", "pax": "jax", "pytorch-fsdp": "fsdp", "fsdp2": "fsdp", "hf": "fsdp",
          **{k: k for k in ("megatron", "megatron-2021", "deepspeed", "llm-foundry", "torchtitan", "jax", "fsdp",
                            "scalelm")}}
@@ -273,6 +273,8 @@ def build_framework(feats: Features, described: bool = False) -> Framework:
     """The profile of `feats.name` (era by `year`) with the stated features applied. Without a name, scalelm's own
     profile, or a generic PyTorch one for a run `described` as some other trainer."""
     key = NAMES.get((feats.name or "").lower())
+    if key == "megatron-deepspeed":  # Megatron's kernels; DeepSpeed's engine runs the communication from ZeRO-2 on
+        key = "deepspeed" if (feats.zero or 0) >= 2 else "megatron"
     if feats.name and key is None:
         raise ValueError(f"unknown framework {feats.name!r}; use one of {', '.join(sorted(NAMES))}")
     if key is None:

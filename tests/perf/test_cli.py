@@ -148,3 +148,12 @@ def test_heterogeneous_cluster_from_the_command_line(capsys):
 def test_heterogeneous_and_framework_errors_are_one_line(argv, needle, capsys):
     rc, _out, err = _run(main_plan, ["--model", "gpt3-1.3b"] + argv, capsys)
     assert rc == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_evaluate_prints_a_warning_for_a_text_naming_two_systems(capsys, tmp_path):
+    lines = open("tests/perf/data/dev_runs.csv", newline="").read().splitlines(keepends=True)
+    row = lines[1].replace("Megatron-LM (PTD-P, 2021; DDP-impl torch)", "Megatron-LM model on DeepSpeed ZeRO-1")
+    path = tmp_path / "two.csv"
+    path.write_text(lines[0] + row)
+    rc, out, _ = _run(main_plan, ["evaluate", str(path)], capsys)
+    assert rc == 0 and "warning: NARAYANAN21-T1-1: framework text names megatron and deepspeed" in out

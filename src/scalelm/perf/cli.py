@@ -319,6 +319,9 @@ def main_evaluate(argv: list[str]) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(report.evaluate_table(kind, results))
+        warned = [(r.id, r.extra["framework_warning"]) for r in results if r.extra and "framework_warning" in r.extra]
+        for rid, text in warned:
+            print(f"warning: {rid}: {text}")
         print()
         print(report.summary_line(kind, summary))
         if folds is not None:

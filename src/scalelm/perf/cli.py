@@ -172,8 +172,9 @@ def _plan_heterogeneous(args, cfg, groups) -> int:
     plans = plan_heterogeneous(cfg, hws, seq, gbs, args.precision, _framework(args))
     missing = [p.hardware for p in plans if p.result is None]
     if missing:
-        return _fail(f"no layout of its layers fits the {', '.join(missing)} group at seq {seq}, global batch {gbs}; "
-                     "add devices to it, lower --seq/--global-batch, or try --precision fp8")
+        which = f"the {missing[0]} group" if len(missing) == 1 else f"the groups {', '.join(missing)}"
+        return _fail(f"no layout of its layers fits {which} at seq {seq}, global batch {gbs}; add devices, "
+                     "lower --seq/--global-batch, or try --precision fp8")
     step = max(p.result.step_time_s for p in plans)
     tok = gbs * seq / step / n
     if args.json:

@@ -4,10 +4,11 @@ __version__ = "0.1.0"
 
 
 def load(path, device: str = "cpu"):
-    """The model of a run directory or checkpoint, in eval mode, ready for `model(ids)` → logits."""
-    from scalelm.train.checkpoint import load_model
+    """The model of a run directory or checkpoint (quantized ones included), in eval mode, ready for
+    `model(ids)` → logits."""
+    from scalelm.infer.load import load_any_model
 
-    return load_model(path, device=device)
+    return load_any_model(path, device=device)
 
 
 __all__ = ["load", "__version__"]

@@ -30,6 +30,9 @@ commands:
   plan       predict memory/time/cost of layouts on a cluster; `plan evaluate RUNS.csv`
   hw         list/show the hardware catalog
   calibrate  measure this machine and write a hardware file
+  quantize   weight-only int8/int4 checkpoint of a trained model (loads, generates and evaluates as usual)
+  prune      magnitude or Wanda pruning (unstructured or 2:4), optional recovery fine-tune with masks kept
+  distill    train a smaller student on a teacher's softened distribution
 
 `scalelm COMMAND --help` for details."""
 
@@ -264,10 +267,20 @@ def _serve(argv: list[str]) -> int:
     return main_serve(argv)
 
 
+def _compress(name: str):
+    def run(argv: list[str]) -> int:
+        from scalelm.compress import cli as compress_cli
+
+        return getattr(compress_cli, name)(argv)
+
+    return run
+
+
 COMMANDS = {
     "train": cmd_train, "slurm": cmd_slurm, "prepare": cmd_prepare, "generate": _infer("main_generate"),
     "eval": _infer("main_eval"), "export": cmd_export, "serve": _serve, "info": cmd_info, "report": cmd_report,
     "plan": _perf("main_plan"), "hw": _perf("main_hw"), "calibrate": _perf("main_calibrate"),
+    "quantize": _compress("main_quantize"), "prune": _compress("main_prune"), "distill": _compress("main_distill"),
 }
 
 
@@ -310,7 +323,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors a person can fix. Looked up lazily so `scalelm plan` never imports torch just to catch them."""
     errors: list[type[Exception]] = [ConfigError, UsageError]
     for module, name in (("scalelm.data.errors", "DataError"), ("scalelm.train.checkpoint", "CheckpointError"),
-                         ("scalelm.infer.generate", "GenerationError")):
+                         ("scalelm.infer.generate", "GenerationError"),
+                         ("scalelm.compress.quantize", "QuantizeError"), ("scalelm.compress.prune", "PruneError"),
+                         ("scalelm.compress.distill", "DistillError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

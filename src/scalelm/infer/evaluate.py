@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from scalelm.config import build_config, load_toml
 from scalelm.data import default_dataset, eval_batches, load_dataset_meta, open_split
 from scalelm.infer.generate import GenerationError
-from scalelm.train.checkpoint import load_model, resolve_checkpoint
+from scalelm.infer.load import load_any_model
+from scalelm.train.checkpoint import resolve_checkpoint
 from scalelm.train.precision import resolve_precision
 from scalelm.train.trainer import EVAL_ROWS, LN2
 
@@ -45,7 +46,7 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, device
     checkpoint = resolve_checkpoint(path)
     config_file = run_dir_of(checkpoint) / "config.toml"
     cfg = build_config(load_toml(config_file) if config_file.is_file() else {})
-    model = load_model(checkpoint, device=device)
+    model = load_any_model(checkpoint, device=device)
     data_dir = Path(data) if data else Path(cfg.data.path) if cfg.data.path else default_dataset()
     vocab = load_dataset_meta(data_dir).get("vocab_size", 0)
     if vocab > model.cfg.vocab_size:

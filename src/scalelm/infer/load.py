@@ -20,8 +20,18 @@ def tokenizer_dir(checkpoint: Path) -> Path:
                           "was it written by `scalelm train`?")
 
 
+def load_any_model(path: str | Path, device: str = "cpu") -> nn.Module:
+    """The model of a run directory or checkpoint in eval mode on `device`: a trained one, or a quantized one
+    written by `scalelm quantize` (rebuilt with its quantized modules)."""
+    from scalelm.compress.checkpoint import is_quantized, load_quantized
+
+    if is_quantized(path):
+        return load_quantized(path, device=device)
+    return load_model(path, device=device)
+
+
 def load_for_inference(path: str | Path, device: str = "cpu") -> tuple[nn.Module, object]:
     """(model in eval mode on `device`, tokenizer) of a run directory (its newest checkpoint) or a checkpoint."""
     checkpoint = resolve_checkpoint(path)
     tokenizer = load_tokenizer(tokenizer_dir(checkpoint))
-    return load_model(checkpoint, device=device), tokenizer
+    return load_any_model(checkpoint, device=device), tokenizer

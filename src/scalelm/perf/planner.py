@@ -101,7 +101,7 @@ def search(cfg: ModelConfig, hw: Hardware, n_devices: int, seq_len: int, global_
     for lo in candidate_layouts(cfg, hw, n_devices, seq_len, global_batch, precision, fixed):
         considered += 1
         m = global_batch // (lo.dp * lo.micro_batch)
-        if predict_memory(cfg, hw, lo, fw, seq_len, m).total > hbm:
+        if predict_memory(cfg, hw, lo, fw, seq_len, m, cache=cache).total > hbm:
             continue
         res = predict_step(cfg, hw, lo, seq_len, global_batch, fw, strict=False, cache=cache)
         fitting.append(res)

@@ -318,7 +318,7 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
         time_s = {k: v * step / parts for k, v in time_s.items()}
     hidden = {"tp_comm": scale * st["tp_hidden"], "dp_comm": dp_hidden}
 
-    mem = predict_memory(cfg, hw, lo, fw, seq_len, m, psi_stage, psi_layer)
+    mem = predict_memory(cfg, hw, lo, fw, seq_len, m, psi_stage, psi_layer, cache)
     hbm = hw.accelerator.hbm_gib * GIB
     fits = mem.total <= hbm
     n_dev = lo.world
@@ -343,10 +343,17 @@ def predict_step(cfg: ModelConfig, hw: Hardware, layout: Layout, seq_len: int, g
 
 
 def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, seq_len: int, m: int,
-                   psi_stage: float | None = None, psi_layer: float | None = None) -> MemoryBreakdown:
-    """Peak bytes on the busiest device (first pipeline stage holds most activations, last the logits)."""
+                   psi_stage: float | None = None, psi_layer: float | None = None,
+                   cache: dict | None = None) -> MemoryBreakdown:
+    """Peak bytes on the busiest device (first pipeline stage holds most activations, last the logits). `cache`: a
+    dict the caller keeps for one model and framework (the planner), reusing parameter counts and per-layer
+    activations across layouts that share them."""
+    cache = {} if cache is None else cache
     if psi_stage is None or psi_layer is None:
-        psi_stage, psi_layer = _stage_params(cfg, lo)
+        key = ("params", lo.tp, lo.pp)
+        if key not in cache:
+            cache[key] = _stage_params(cfg, lo)
+        psi_stage, psi_layer = cache[key]
     shard = lo.shard if lo.zero >= 1 else 1
     grad_bytes = fw.fp16_grad_bytes if lo.precision == "fp16" and fw.fp16_grad_bytes else fw.grad_bytes
     states = zero_model_state_bytes(psi_stage, lo.zero, shard, k=12, grad_bytes=grad_bytes)
@@ -357,15 +364,21 @@ def predict_memory(cfg: ModelConfig, hw: Hardware, lo: Layout, fw: Framework, se
         states["optimizer"] = 0.0
     s_loc = seq_len // lo.cp
     flash = lo.flash_attention and fw.flash_attention
-    per_layer = layer_activation_bytes(cfg, s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, lo.recompute,
-                                       flash, fw.dropout, fw.selective_kind)
+    def acts(recompute: str) -> float:
+        key = ("acts", s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, recompute, flash)
+        if key not in cache:
+            cache[key] = layer_activation_bytes(cfg, s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, recompute,
+                                                flash, fw.dropout, fw.selective_kind)
+        return cache[key]
+
+    per_layer = acts(lo.recompute)
     layers = math.ceil(cfg.n_layer / lo.pp)
     schedule = "interleaved" if lo.vpp > 1 and lo.schedule == "1f1b" else lo.schedule
     in_flight = in_flight_microbatches(schedule, lo.pp, m, lo.vpp)
     # The backward of one layer holds gradients of about half its activations at a time; what the recompute rebuilds
     # for that layer comes on top (all of it for full recompute, the recomputed half for op-level SAC, the attention
     # scores for selective without a fused kernel); with SP the all-gathered layer input and its gradient are full.
-    full = layer_activation_bytes(cfg, s_loc, lo.micro_batch, lo.tp, lo.sequence_parallel, "none", flash, fw.dropout)
+    full = acts("none")
     rebuilt = {"full": full, "none": 0.0}.get(lo.recompute, full - per_layer)
     working = 0.5 * full + max(0.0, rebuilt)
     if lo.sequence_parallel:

@@ -120,6 +120,9 @@ def test_structured_columns_override_the_text():
     lo_do, _, _ = row_layout(base, row_framework(base), cfg, Features(distributed_optimizer=True))
     lo_plain, _, _ = row_layout(base, row_framework(base), cfg, Features(distributed_optimizer=False))
     assert (lo_do.zero, lo_plain.zero) == (1, 0)
+    fsdp = dict(row, framework="PyTorch FSDP", zero="3", tp="1", pp="1", dp="")
+    regather, keep = (evaluate_row(dict(fsdp, reshard_after_forward=v), THROUGHPUT) for v in ("1", "0"))
+    assert keep.extra["predicted_peak_mem_gib"] > regather.extra["predicted_peak_mem_gib"]
     bad = evaluate_row(dict(row, flash_attention="maybe"), THROUGHPUT)
     assert bad.error_pct is None and "flash_attention" in bad.reason
     unknown = evaluate_row(dict(row, framework_name="caffe"), THROUGHPUT)

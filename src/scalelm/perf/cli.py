@@ -79,7 +79,8 @@ def _plan_parser() -> argparse.ArgumentParser:
                        ("tp-overlap", "TP communication overlapped with GEMMs (async TP)"),
                        ("dp-overlap", "gradient/ZeRO communication overlapped with compute"),
                        ("pp-overlap", "pipeline sends overlapped with compute"),
-                       ("activation-offload", "saved activations kept in host memory")):
+                       ("activation-offload", "saved activations kept in host memory"),
+                       ("reshard-after-forward", "ZeRO-3 frees gathered weights after the forward and re-gathers")):
         dest = name.replace("-", "_")
         p.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=what)
         p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
@@ -144,7 +145,7 @@ def _framework(args):
                      distributed_optimizer=args.distributed_optimizer, flash_attention=args.flash_attention,
                      compile=args.compile, fp8_recipe=args.fp8_recipe, tp_overlap=args.tp_overlap,
                      dp_overlap=args.dp_overlap, pp_overlap=args.pp_overlap,
-                     activation_offload=args.activation_offload)
+                     activation_offload=args.activation_offload, reshard_after_forward=args.reshard_after_forward)
     return build_framework(feats)
 
 

@@ -61,7 +61,7 @@ def row_model(row: dict) -> ModelConfig:
 
 
 FEATURE_COLUMNS = ("framework_name", "framework_year", "distributed_optimizer", "flash_attention", "compile",
-                   "fp8_recipe", "tp_overlap", "dp_overlap", "pp_overlap", "activation_offload")
+                   "fp8_recipe", "tp_overlap", "dp_overlap", "pp_overlap", "activation_offload", "reshard_after_forward")
 """Optional structured columns describing the software (frameworks.Features); an empty or missing column falls back
 to what the free-text `framework` column implies, then to the profile's default."""
 
@@ -86,7 +86,8 @@ def row_features(row: dict) -> Features:
                     flash_attention=_flag(row, "flash_attention"), compile=_flag(row, "compile"),
                     fp8_recipe=(row.get("fp8_recipe") or "").strip().lower() or None,
                     tp_overlap=_flag(row, "tp_overlap"), dp_overlap=_flag(row, "dp_overlap"),
-                    pp_overlap=_flag(row, "pp_overlap"), activation_offload=_flag(row, "activation_offload"))
+                    pp_overlap=_flag(row, "pp_overlap"), activation_offload=_flag(row, "activation_offload"),
+                    reshard_after_forward=_flag(row, "reshard_after_forward"))
 
 
 def row_software(row: dict) -> tuple[Framework, Features, list[str]]:

@@ -209,6 +209,7 @@ class Features:
     pp_overlap: bool | None = None
     activation_offload: bool | None = None
     fp32_grad_reduce: bool | None = None
+    reshard_after_forward: bool | None = None
 
 
 def _zero_from_text(t: str) -> int | None:
@@ -300,6 +301,8 @@ def build_framework(feats: Features, described: bool = False) -> Framework:
         fw = replace(fw, grad_comm_bytes=4)
     if feats.activation_offload is not None:
         fw = replace(fw, activation_offload=feats.activation_offload)
+    if feats.reshard_after_forward is not None:  # ZeRO-3: free gathered weights after the forward (re-gather them)
+        fw = replace(fw, reshard_after_forward=feats.reshard_after_forward)
     recipe = feats.fp8_recipe
     if recipe is not None and recipe not in FP8_RECIPES:
         raise ValueError(f"unknown fp8_recipe {recipe!r}; use one of {', '.join(FP8_RECIPES)}")

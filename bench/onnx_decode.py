@@ -1,7 +1,7 @@
 """Decode speed of one model in PyTorch, onnxruntime and OpenVINO (CPU, fp32), all driven by the same engine.
 
-    python bench/onnx.py                                  # shakespeare-char random weights, batch 1 and 8, 3 repeats
-    python bench/onnx.py --preset tiny --new-tokens 16 --repeats 1 --batch 1      # a smoke run
+    python bench/onnx_decode.py                                  # shakespeare-char random weights, batch 1 and 8, 3 repeats
+    python bench/onnx_decode.py --preset tiny --new-tokens 16 --repeats 1 --batch 1      # a smoke run
 
 The model (`--preset`, random weights: speed does not depend on their values) is exported once with its KV cache
 (`export_onnx(..., with_cache=True)`, the file `scalelm generate --runtime` runs); then each runtime generates
@@ -12,7 +12,7 @@ stops and detokenizing cost the same in every row. The first token (the prefill)
 
 PyTorch runs eagerly with the GEMM backend `scalelm generate` picks (`cpu_matmul`). The runtimes differ in the
 cache: PyTorch writes a pre-allocated buffer in place, the ONNX graph concatenates past and new keys each step and
-hands them back (host arrays). Each row: an untimed warm-up, then the median of `--repeats`. The header gives the
+hands them back (host arrays). Every runtime gets `--threads` (1) intra-op threads. Each row: an untimed warm-up, then the median of `--repeats`. The header gives the
 load average: time on a quiet machine.
 """
 
@@ -52,7 +52,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every runtime")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = GPT(replace(get_preset(args.preset), vocab_size=64)).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,11 +64,11 @@ def main() -> None:
         from scalelm.train.peak import fastest_cpu_matmul
 
         runtimes = {"pytorch": lambda: Generator(model, TOKENIZER, cpu_matmul=fastest_cpu_matmul("fp32")),
-                    "onnxruntime": lambda: Generator(OnnxModel(path, "onnxruntime"), TOKENIZER),
-                    "openvino": lambda: Generator(OnnxModel(path, "openvino"), TOKENIZER)}
-        print(f"# bench/onnx.py: {args.preset} (random weights, fp32), {args.new_tokens} new tokens, greedy; export "
-              f"{export_s:.1f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; median of "
-              f"{args.repeats}")
+                    "onnxruntime": lambda: Generator(OnnxModel(path, "onnxruntime", args.threads), TOKENIZER),
+                    "openvino": lambda: Generator(OnnxModel(path, "openvino", args.threads), TOKENIZER)}
+        print(f"# bench/onnx_decode.py: {args.preset} (random weights, fp32), {args.new_tokens} new tokens, greedy; export "
+              f"{export_s:.1f} s; {args.threads} thread(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+              f"cores; median of {args.repeats}")
         print(f"{'runtime':<12} " + " ".join(f"{'batch ' + str(b) + ' tok/s':>15}" for b in args.batch))
         base: dict[int, float] = {}
         for name, build in runtimes.items():

@@ -7,7 +7,9 @@
 Each mode starts `scalelm serve` in its own process on a loopback port — `--max-batch CLIENTS` (dynamic batching:
 the requests waiting when a batch starts decode together) and `--max-batch 1` (one request at a time, the others
 queued) — and `--clients` threads each send one streamed completion with the official openai client at the same
-moment (a barrier), `--max-tokens` tokens at temperature 0.8, each its own seed, with the usage chunk:
+moment (a barrier), `--max-tokens` tokens at temperature 0.8, each its own seed, with the usage chunk. The server
+runs `--threads` (1) intra-op threads: the client threads share the machine with it, and an OpenMP region waits
+for its slowest thread, so on a busy machine one thread is the steadier measure.
 
     aggregate tokens/s = completion tokens of all requests / seconds from the barrier to the last request's end
     time to first token = seconds from the barrier to a request's first text chunk (p50 and p99 over requests)
@@ -60,11 +62,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(run: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def _start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "scalelm", "serve", str(run), "--port", str(port),
                              "--max-batch", str(max_batch), "--model-name", "bench"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait for the model to load (/health 503 until then)
@@ -132,17 +135,18 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="the server's intra-op threads (OMP_NUM_THREADS)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else _random_run(Path(tmp), args.preset)
         print(f"# bench/serve.py: {args.clients} concurrent streamed completions of {args.max_tokens} tokens, "
               f"{run.name if args.run else args.preset + ' (random weights)'}; load average "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; median of {args.repeats}")
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; server threads {args.threads}; median of {args.repeats}")
         print(f"{'mode':<22} {'completed':>9} {'tokens/s':>9} {'TTFT p50 s':>11} {'TTFT p99 s':>11}")
         rates = {}
         for name, max_batch in (("batched (max-batch " + str(args.clients) + ")", args.clients),
                                 ("one at a time", 1)):
-            proc, url = _start_server(run, max_batch)
+            proc, url = _start_server(run, max_batch, args.threads)
             try:
                 _round(url, args.clients, args.max_tokens)  # warm-up
                 rounds = [_round(url, args.clients, args.max_tokens) for _ in range(args.repeats)]

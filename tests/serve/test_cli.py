@@ -26,3 +26,14 @@ def test_help_lists_the_flags(capsys):
     assert main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--host", "--port", "--max-batch", "--api-key", "SCALELM_API_KEY"))
+
+
+def test_an_address_in_use_is_refused_before_loading(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", str(tmp_path), "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot listen on 127.0.0.1:") and len(err.strip().splitlines()) == 1

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
+import torch
 from serve.server import serving, tiny_run
 
 from scalelm.infer import Generator, Sampling
@@ -202,3 +204,36 @@ def test_metrics_count_requests_tokens_and_batches(client, server):
     assert float(lines["scalelm_completion_tokens_total"]) >= 3
     assert float(lines["scalelm_batch_size_count"]) >= 1
     assert "scalelm_time_to_first_token_seconds_bucket" in text
+
+
+class _Gated(torch.nn.Module):
+    """The run's model, whose decode steps wait for `gate`: the test decides when the engine may go on."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.cfg, self.gate, self.calls = model, model.cfg, threading.Event(), 0
+
+    def forward(self, tokens, cache=None):
+        self.calls += 1
+        if self.calls > 1:
+            self.gate.wait()
+        return self.model(tokens, cache=cache)
+
+
+def test_a_client_that_leaves_before_a_whole_response_frees_its_rows(run):
+    model, tokenizer = load_for_inference(run)
+    gated = _Gated(model)
+    app = create_app(run, loader=lambda: (gated, tokenizer))
+    with serving(app) as url:
+        state = app.state.server
+        assert state.ready.wait(60)
+        impatient = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):  # the engine is held at its first decode step
+            impatient.completions.create(model="run", prompt="Hi", max_tokens=500, temperature=0)
+        deadline = time.monotonic() + 60
+        while state.metrics.cancelled._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server looks for the disconnect once a second
+        gated.gate.set()
+        assert state.scheduler.idle.wait(60)
+        assert state.metrics.cancelled._value.get() == 1
+        assert state.metrics.engine_tokens._value.get() <= 2  # the token before the gate, and at most one after

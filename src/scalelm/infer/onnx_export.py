@@ -119,7 +119,7 @@ class _quiet_exporter:
 
 def main_export_onnx(argv: list[str]) -> int:
     """`scalelm export onnx RUN_OR_CKPT --out model.onnx [--with-cache]`."""
-    from scalelm.usage import CliParser
+    from scalelm.usage import CliParser, UsageError
 
     p = CliParser(prog="scalelm export onnx", description="Write a run's model as ONNX (opset "
                   f"{OPSET}, dynamic batch and sequence axes) for onnxruntime, OpenVINO and other ONNX runtimes.")
@@ -131,7 +131,10 @@ def main_export_onnx(argv: list[str]) -> int:
     from scalelm.train.checkpoint import load_model
 
     model = load_model(args.path).float()
-    out = export_onnx(model, args.out, with_cache=args.with_cache)
+    try:
+        out = export_onnx(model, args.out, with_cache=args.with_cache)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.out} ({e.strerror or e}); choose another --out") from None
     print(f"wrote {out} (opset {OPSET}{', with KV cache' if args.with_cache else ''}); run it with "
           f"`scalelm generate {args.path} --runtime onnxruntime|openvino --onnx {out}`"
           if args.with_cache else f"wrote {out} (opset {OPSET}): input_ids [batch, seq] → logits")

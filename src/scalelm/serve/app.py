@@ -25,7 +25,7 @@ from scalelm.infer.generate import GenerationError, Generator
 from scalelm.infer.generate import Request as Row
 from scalelm.infer.sampling import Sampling
 from scalelm.serve.errors import APIError, error_response
-from scalelm.serve.metrics import ServerMetrics
+from scalelm.serve.metrics import CountRequests, ServerMetrics
 from scalelm.serve.responses import Choice, chat_logprobs, completion_logprobs, sse, usage
 from scalelm.serve.scheduler import Job, Scheduler
 from scalelm.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -103,11 +103,7 @@ def create_app(path: str | Path | None = None, *, max_batch: int = 8, max_tokens
         message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
         return error_response(400, message, loc[0] if loc else None)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        state.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=state.metrics)
 
     def authorized(request: Request) -> None:
         if state.api_key is None:
@@ -145,23 +141,23 @@ def create_app(path: str | Path | None = None, *, max_batch: int = 8, max_tokens
                                             "owned_by": "scalelm"}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         generator = serving(body.model)
         prompts = body.prompts()
         rows, prompt_tokens = _rows(state, generator, prompts, body, body.max_tokens, body.stops(),
                                     logprobs=body.logprobs is not None, top=body.logprobs or 0, param="prompt")
         offsets = [len(p) for p in prompts for _ in range(body.n)]
-        return await _respond(state, rows, prompt_tokens, body, "text_completion", "cmpl", "/v1/completions",
+        return await _respond(state, request, rows, prompt_tokens, body, "text_completion", "cmpl", "/v1/completions",
                               lambda choice: _completion_choice(generator, choice, body, offsets[choice.index]),
                               lambda delta: _completion_piece(generator, delta, body, offsets[delta.index]))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         generator = serving(body.model)
         prompt = chat_prompt([(m.role, m.text()) for m in body.messages])
         rows, prompt_tokens = _rows(state, generator, [prompt], body, body.token_budget(), body.stops() + TURN_STOPS,
                                     logprobs=body.logprobs, top=body.top_logprobs or 0, param="messages")
-        return await _respond(state, rows, prompt_tokens, body, "chat.completion", "chatcmpl",
+        return await _respond(state, request, rows, prompt_tokens, body, "chat.completion", "chatcmpl",
                               "/v1/chat/completions", lambda choice: _chat_choice(generator, choice, body),
                               lambda delta: _chat_piece(generator, delta, body))
 
@@ -198,8 +194,8 @@ def _rows(state: ServerState, generator: Generator, prompts: list[str], body, bu
     return rows, prompt_tokens
 
 
-async def _respond(state: ServerState, rows: list[Row], prompt_tokens: int, body, kind: str, prefix: str,
-                   route: str, whole: Callable[[Choice], dict], piece: Callable) -> Response:
+async def _respond(state: ServerState, request: Request, rows: list[Row], prompt_tokens: int, body, kind: str,
+                   prefix: str, route: str, whole: Callable[[Choice], dict], piece: Callable) -> Response:
     """Submit the rows and answer: one JSON body, or a stream of chunks ending in `data: [DONE]`."""
     job = Job(rows, asyncio.get_running_loop())
     state.scheduler.submit(job)
@@ -217,11 +213,14 @@ async def _respond(state: ServerState, rows: list[Row], prompt_tokens: int, body
     if not body.stream:
         choices = [Choice(i) for i in range(len(rows))]
         try:
-            async for delta in job.deltas():
+            async for delta in job.deltas(request.is_disconnected):
                 choices[delta.index].add(delta)
         except BaseException:
             job.cancel()
             raise
+        if job.cancelled:  # the client went away: nobody reads an answer
+            metrics.cancelled.inc()
+            return Response(status_code=499)
         completion_tokens = sum(len(c.tokens) for c in choices)
         finished(completion_tokens)
         return JSONResponse({**header, "choices": [whole(c) for c in choices],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from scalelm.usage import CliParser, UsageError
@@ -27,6 +28,18 @@ def _parser() -> CliParser:
     return p
 
 
+def _check_address(host: str, port: int) -> None:
+    """Fail with one line if the address cannot be listened on (in use, or not this machine's), before loading."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(infos[0][4])
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") \
+            from None
+
+
 def main_serve(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -36,6 +49,7 @@ def main_serve(argv: list[str]) -> int:
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UsageError(f"--max-tokens {args.max_tokens} must be >= 1")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    _check_address(args.host, args.port)
     import uvicorn
 
     from scalelm.infer.load import tokenizer_dir

@@ -9,7 +9,8 @@ to end (or for every row of it to be cancelled), and a finished row keeps its pl
 would admit it at the next step but needs a cache whose rows can be inserted and removed mid-flight.
 
 Events go from the engine thread to each request's asyncio queue with `call_soon_threadsafe`; a client that
-disconnects cancels its job, its rows stop at the next step, and an all-cancelled batch ends at once.
+disconnects cancels its job (a stream when its next chunk cannot be sent, a whole response within a second), its
+rows stop at the next step, and an all-cancelled batch ends at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from scalelm.infer.generate import Delta, Generator, Request
@@ -48,11 +49,19 @@ class Job:
         except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
             self.cancelled = True
 
-    async def deltas(self) -> AsyncIterator[Delta]:
-        """The job's deltas (index = its own row) until every row has ended; an engine error is raised here."""
+    async def deltas(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Delta]:
+        """The job's deltas (index = its own row) until every row has ended; an engine error is raised here.
+        disconnected: asked whenever no delta came for a second (a request still queued or decoding); true
+        cancels the job and ends the iteration."""
         open_rows = len(self.requests)
         while open_rows:
-            item = await self.events.get()
+            try:
+                item = await asyncio.wait_for(self.events.get(), 1.0) if disconnected else await self.events.get()
+            except asyncio.TimeoutError:
+                if await disconnected():
+                    self.cancel()
+                    return
+                continue
             if item is _END:
                 return
             if isinstance(item, BaseException):

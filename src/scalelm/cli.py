@@ -24,6 +24,10 @@ commands:
   generate   continue prompts with a trained run or checkpoint (KV cache, batches, speculative, --nproc N)
   eval       validation loss, perplexity and bits per token of a checkpoint
   export     write a run in another format (`scalelm export --help` lists them)
+  import     read a Hugging Face GPT-2/Llama directory into a scalelm model directory (`import hf DIR`)
+  merge      fold a LoRA run's adapters into its base weights
+  finetune-classify  train a classification head on labelled JSONL (text, label) from --init-from weights
+  classify   predict labels of texts with a finetune-classify run
   serve      an OpenAI-compatible HTTP server for a run (batched; /v1/completions, /v1/chat/completions)
   info       parameters, FLOPs/token and weight memory of a model preset
   report     PNG plots of a run's metrics
@@ -58,6 +62,15 @@ def _expand_parallel(argv: list[str]) -> list[str]:
     return out
 
 
+def _source_model(file_values: dict, overrides: dict) -> dict:
+    """The file's values under the --init-from source's model keys (train/init_from.py); torch only when set."""
+    if not overrides.get("init_from", file_values.get("init_from")):
+        return file_values
+    from scalelm.train.init_from import with_source_model
+
+    return with_source_model(file_values, overrides)
+
+
 def cmd_train(argv: list[str]) -> int:
     if wants_help(argv):
         from scalelm.config import all_keys
@@ -76,7 +89,7 @@ def cmd_train(argv: list[str]) -> int:
     if nproc is not None and nproc > 1 and not is_launched():
         overrides = parse_overrides(argv)
         file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
-        cfg = build_config(file_values, overrides)
+        cfg = build_config(_source_model(file_values, overrides), overrides)
         if cfg.parallel.auto:  # plan once here; the ranks get the explicit layout
             from scalelm.train.forecast import PLANNED_ENV, launch_flags
 
@@ -88,7 +101,7 @@ def cmd_train(argv: list[str]) -> int:
         exec_torchrun(nproc, "train", argv)
     overrides = parse_overrides(argv)
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
-    cfg = build_config(file_values, overrides)
+    cfg = build_config(_source_model(file_values, overrides), overrides)
     from scalelm.train.run import train
 
     end = train(cfg)
@@ -152,7 +165,7 @@ def _check_train_args(extra: list[str], parser: argparse.ArgumentParser) -> None
             continue  # a value
         key = arg.lstrip("-").split("=", 1)[0]
         key = key[3:] if key.startswith("no-") else key
-        if arg.startswith("--") and ("." in key or key in TOP_LEVEL or key in ("config", "parallel")):
+        if arg.startswith("--") and ("." in key or key.replace("-", "_") in TOP_LEVEL or key in ("config", "parallel")):
             continue  # checked by the config when the script is validated below
         options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
         close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
@@ -236,6 +249,7 @@ def _perf(name: str):
 
 EXPORTERS: dict[str, tuple[str, str]] = {}
 """`scalelm export FORMAT ...` → (module, function) of that format's exporter, each in the package that owns it."""
+EXPORTERS["hf"] = ("scalelm.interop.cli", "main_export_hf")
 EXPORTERS["onnx"] = ("scalelm.infer.onnx_export", "main_export_onnx")
 
 
@@ -250,6 +264,15 @@ def cmd_export(argv: list[str]) -> int:
 
     module, function = EXPORTERS[argv[0]]
     return getattr(importlib.import_module(module), function)(argv[1:])
+
+
+def _interop(name: str):
+    def run(argv: list[str]) -> int:
+        from scalelm.interop import cli as interop_cli
+
+        return getattr(interop_cli, name)(argv)
+
+    return run
 
 
 def _infer(name: str):
@@ -280,6 +303,8 @@ COMMANDS = {
     "train": cmd_train, "slurm": cmd_slurm, "prepare": cmd_prepare, "generate": _infer("main_generate"),
     "eval": _infer("main_eval"), "export": cmd_export, "serve": _serve, "info": cmd_info, "report": cmd_report,
     "plan": _perf("main_plan"), "hw": _perf("main_hw"), "calibrate": _perf("main_calibrate"),
+    "import": _interop("main_import"), "merge": _interop("main_merge"),
+    "finetune-classify": _interop("main_finetune_classify"), "classify": _interop("main_classify"),
     "quantize": _compress("main_quantize"), "prune": _compress("main_prune"), "distill": _compress("main_distill"),
 }
 
@@ -325,7 +350,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     for module, name in (("scalelm.data.errors", "DataError"), ("scalelm.train.checkpoint", "CheckpointError"),
                          ("scalelm.infer.generate", "GenerationError"),
                          ("scalelm.compress.quantize", "QuantizeError"), ("scalelm.compress.prune", "PruneError"),
-                         ("scalelm.compress.distill", "DistillError")):
+                         ("scalelm.compress.distill", "DistillError"), ("scalelm.model.hf_layout", "FormatError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

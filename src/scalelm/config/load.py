@@ -230,6 +230,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
+    if cfg.lora.rank < 0 or (cfg.lora.rank and cfg.lora.alpha <= 0):
+        raise ConfigError(f"lora.rank={cfg.lora.rank} must be >= 0 and lora.alpha={cfg.lora.alpha} > 0")
+    if cfg.lora.rank and not cfg.init_from:
+        raise ConfigError("lora.rank needs --init-from RUN_OR_HF_DIR: LoRA adapts the weights of an existing model")
     validate_parallel(cfg)
 
 
@@ -263,6 +267,9 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             out[name] = "false"
             i += 1
             continue
+        name, eq, rest = key.partition("=")
+        if "." not in name:
+            key = name.replace("-", "_") + eq + rest  # top-level keys as flags: --init-from sets init_from
         if "=" in key:
             key, value = key.split("=", 1)
         elif key in booleans and (i + 1 >= len(argv) or _is_option(argv[i + 1])):

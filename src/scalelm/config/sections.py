@@ -171,6 +171,19 @@ class ParallelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on the blocks' linear layers (needs init_from); the base weights stay frozen and the run's
+    checkpoints hold the adapters alone (`scalelm merge` folds them into a plain model)."""
+
+    rank: int = 0
+    """Rank of each adapter; 0 = no LoRA (the whole model trains)."""
+    alpha: float = 16.0
+    """Scale numerator: an adapter adds (alpha / rank) · B A to its weight."""
+    targets: str = "q,v"
+    """Layers to adapt: a comma list of q, k, v, o (attention) and w1, w2, w3 (MLP), or all-linear."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=lambda: get_preset("shakespeare-char"))
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,16 +193,20 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     seed: int = 1337
     """Seeds weights, data order and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available, else cpu."""
     out: str = "runs/latest"
     """Run directory: checkpoints, metrics.jsonl, config.toml."""
+    init_from: str = ""
+    """Start from these weights (`--init-from`): a run directory, a checkpoint, or a Hugging Face GPT-2/Llama
+    directory; optimizer, schedule and data order start fresh. "" = the seed's random weights."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "data", "optim", "train", "checkpoint", "metrics", "parallel", "cpu")
-TOP_LEVEL = ("seed", "device", "out")
+SECTIONS = ("model", "data", "optim", "train", "checkpoint", "metrics", "parallel", "cpu", "lora")
+TOP_LEVEL = ("seed", "device", "out", "init_from")

@@ -21,10 +21,12 @@ from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
 from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice, release_process_groups
 from scalelm.parallel.ac import apply_ac
+from scalelm.train.adapters import AdapterView, adapter_trainer
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
 from scalelm.train.device import resolve_device
 from scalelm.train.forecast import prepare_forecast
 from scalelm.train.host_memory import keep_freed_host_memory
+from scalelm.train.init_from import prepare_finetune
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
 from scalelm.train.peak import fastest_cpu_matmul, peak_flops
@@ -131,6 +133,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
         tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
 
     model = build_model(cfg, device, cfg.seed)
+    if cfg.init_from or cfg.lora.rank:  # weights from init_from, then LoRA adapters (train/init_from.py)
+        prepare_finetune(model, cfg)
     if prepare_model is not None:
         prepare_model(model, cfg)
     # CPU speedups are module swaps on the plain model, before any parallelism wraps it. Tensor parallelism's
@@ -163,7 +167,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
     state = None
     if resume_from is not None:
         if parallel is None:
-            state = load_checkpoint(resume_from, model, optimizers)
+            state = load_checkpoint(resume_from, AdapterView(model) if cfg.lora.rank else model, optimizers)
         else:
             state = load_distributed_checkpoint(resume_from, parallel.parts, optimizers, cfg.model)
         start_step = state["step"]
@@ -173,6 +177,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
                            tensorboard=cfg.metrics.tensorboard)
     if state is None:
         logger.log(forecast.record())  # the first line of a fresh log
+    if cfg.lora.rank:  # a LoRA run's checkpoints hold its adapters alone
+        trainer_class = adapter_trainer(trainer_class)
     trainer = trainer_class(cfg, model, optimizers, loader, open_split(data_dir, "val"), tokenizer, run_dir, device,
                       precision, logger, peak, parallel, forecast.prediction)
     if state is not None:

@@ -98,6 +98,11 @@ def cmd_train(argv: list[str]) -> int:
             argv = [*argv, *flags]
             os.environ[PLANNED_ENV] = "1"
         validate_parallel(cfg, nproc)  # fail here, not in N processes
+        from scalelm.train.device import resolve_device
+        from scalelm.train.fits import check_fits
+
+        # A model too large for a rank is refused before N processes start (auto dtype: bf16, the smaller).
+        check_fits(cfg, nproc, "bf16" if cfg.train.dtype == "auto" else cfg.train.dtype, resolve_device(cfg.device))
         exec_torchrun(nproc, "train", argv)
     overrides = parse_overrides(argv)
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}

@@ -99,7 +99,7 @@ def test_generate_eval_and_report_from_a_trained_run(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"val_loss", "perplexity", "bits_per_token", "tokens"}
     assert abs(result["val_loss"] - end["val_loss"]) < 1e-4  # what the trainer logged for the same weights
-    assert result["tokens"] == 10 * 32 * 32  # eval_batches x 32 windows x seq_len
+    assert result["tokens"] == 10 * 8 * 32  # eval_batches x min(32, global_batch 8) windows x seq_len
     assert main(["report", str(run)]) == 0
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     (tmp_path / "empty.txt").write_text("")

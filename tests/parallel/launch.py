@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +54,29 @@ def assert_parity(reference: Path, run: Path, loss_tol: float = 1e-5, weight_tol
     assert worst <= loss_tol, f"{run.name}: max |loss - single-process loss| = {worst:.2e} > {loss_tol}"
     dist = rel_l2(unique_state(scalelm.load(reference)), unique_state(scalelm.load(run)))
     assert dist <= weight_tol, f"{run.name}: relative L2 distance of the final weights {dist:.2e} > {weight_tol}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_torchrun_line(script: str, nodes: int, head: str = "127.0.0.1") -> list[str]:
+    """The torchrun command of a `scalelm slurm` script, as srun would start it on each node, with the Slurm
+    variables filled in for this machine (every "node" is this machine, the head node is `head`)."""
+    text = script.replace("\\\n", " ")
+    line = next(row for row in text.splitlines() if "torch.distributed.run" in row)
+    line = line[line.index("python -m torch.distributed.run"):]
+    line = (line.replace("$SLURM_NNODES", str(nodes)).replace("$SLURM_JOB_ID", "loopback")
+            .replace("$head_node", head))
+    return [sys.executable, *shlex.split(line)[1:]]
+
+
+def launch_nodes(line: list[str], nodes: int, timeout: int = 600) -> None:
+    """Start `nodes` torchrun agents of `line` at once (as srun does, one per node) and wait for all of them."""
+    agents = [subprocess.Popen(line, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(nodes)]
+    outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs):
+        assert agent.returncode == 0, f"a torchrun agent failed:\n{err[-6000:]}"

@@ -170,10 +170,11 @@ def test_time_budget_length_is_kept_on_resume(tmp_path, monkeypatch):
 
 
 def test_val_loss_does_not_depend_on_the_training_batch(tmp_path):
-    """The same validation windows, forwarded in chunks of at most global_batch rows (24 + 8 here)."""
+    """The same validation windows (32 per evaluation batch) for every training batch from 32 up; a smaller
+    training batch evaluates batches of its own size (the end of a run sized like its middle)."""
     frozen = ("--train.steps", "1", "--optim.lr", "1e-12", "--optim.warmup_steps", "0", "--train.eval_batches", "2")
     ends = []
-    for batch in ("8", "24"):
+    for batch in ("32", "48"):
         assert train(tmp_path / batch, *frozen, "--train.global_batch", batch) == 0
         ends.append(metrics(tmp_path / batch)[-1]["val_loss"])
     assert ends[0] == pytest.approx(ends[1], rel=1e-6)

@@ -11,15 +11,16 @@ from scalelm.config.sections import Config, ConfigError
 
 
 def muon_fits(cfg: Config, tp: int, dp: int) -> bool:
-    """Muon needs whole matrices on each rank: no tensor parallelism, no FSDP sharding."""
-    return tp == 1 and not (dp > 1 and cfg.parallel.zero >= 2)
+    """Muon orthogonalizes whole matrices: shards (FSDP, HSDP, TP) are gathered one matrix at a time on the
+    device (train/muon.py). Only FSDP's CPU offload keeps the shards where that gather cannot run."""
+    return not (cfg.parallel.cpu_offload and dp > 1 and cfg.parallel.zero >= 2)
 
 
 def resolve_optimizer(cfg: Config, tp: int = 1, dp: int = 1) -> str:
-    """The optimizer `optim.name` means for this layout (`auto` → muon or adamw, see OptimConfig.name)."""
-    if cfg.optim.name != "auto":
-        return cfg.optim.name
-    return "muon" if muon_fits(cfg, tp, dp) else "adamw"
+    """The optimizer `optim.name` means (`auto` → muon on every layout, see OptimConfig.name): the same command
+    trains the same model on one process and on many. A layout Muon cannot run is refused by validate_parallel,
+    never given another optimizer."""
+    return "muon" if cfg.optim.name == "auto" else cfg.optim.name
 
 
 def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, int]:
@@ -90,9 +91,10 @@ def validate_parallel(cfg: Config, world_size: int | None = None) -> dict[str, i
                           f"{fixed * p.dp_shard} but {world_size} processes were launched; set parallel.dp_shard=-1 "
                           f"or launch {fixed * p.dp_shard}")
     dp = degrees["dp_replicate"] * degrees["dp_shard"]
-    if cfg.optim.name == "muon" and not muon_fits(cfg, p.tp, dp):
-        raise ConfigError("optim.name=muon orthogonalizes whole matrices, which tensor parallelism and FSDP split; "
-                          "use parallel.zero=0 or 1 without tp, or optim.name=adamw")
+    if resolve_optimizer(cfg) == "muon" and not muon_fits(cfg, p.tp, dp):
+        raise ConfigError(f"optim.name={cfg.optim.name} is Muon, which gathers each matrix on the device to "
+                          f"orthogonalize it, but parallel.cpu_offload keeps the shards in host memory; set "
+                          f"optim.name=adamw or parallel.cpu_offload=false")
     if t.global_batch % dp:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {dp} data-parallel ranks; "
                           f"use a multiple of {dp}")

@@ -27,9 +27,8 @@ class DataConfig:
 class OptimConfig:
     name: Literal["auto", "adamw", "muon"] = "auto"
     """muon = torch.optim.Muon on the blocks' matrices + AdamW on embeddings, head, norms and biases; adamw = AdamW
-    on everything; auto = muon where each rank holds whole matrices (one process, DDP, ZeRO-1, pipeline), adamw
-    when tensor parallelism or FSDP split them (Muon orthogonalizes whole matrices). Muon trains the default model
-    to a lower loss in the same steps (docs/benchmarks.md#muon-vs-adamw)."""
+    on everything; auto = muon on every layout (sharded matrices are gathered one at a time to be orthogonalized).
+    Muon trains the default model to a lower loss in the same steps (docs/benchmarks.md#muon-vs-adamw)."""
     lr: float = 3e-3
     """Peak learning rate (after warmup)."""
     min_lr_ratio: float = 0.1
@@ -77,8 +76,9 @@ class TrainConfig:
     eval_every: int = 100
     """Evaluate on the validation split every N steps (and at the end); 0 = only at the end."""
     eval_batches: int = 10
-    """Batches of 32 validation sequences per evaluation: the same windows every time and whatever the training
-    batch, so val losses compare across runs (forwarded at most global_batch sequences at a time)."""
+    """Validation batches per evaluation (the final one too), each of 32 sequences, or of global_batch when that
+    is smaller: an evaluation batch costs a third of a training step. The same windows every time, and for every
+    training batch from 32 up, so val losses compare across runs."""
     sample_tokens: int = 200
     """Tokens generated after each evaluation; 0 = none."""
     threads: int = 0
@@ -98,7 +98,8 @@ class CpuConfig:
     measured on this CPU (cached with the MFU peak)."""
     keep_host_memory: bool = True
     """Keep freed memory in the process for the next step instead of returning it to the OS (glibc), which saves
-    re-faulting every activation each step; false leaves the system allocator as it is."""
+    re-faulting every activation each step; false leaves the system allocator as it is. Single-process runs only:
+    distributed ranks keep the system allocator (their collectives' threads would grow the kept heap)."""
 
 
 @dataclass
@@ -172,6 +173,11 @@ class ParallelConfig:
 
 @dataclass
 class LoraConfig:
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """zero >= 2: dtype FSDP2 all-gathers parameters in and the blocks compute with (MixedPrecisionPolicy); the
+    sharded fp32 weights stay the optimizer's. auto = bf16 when train.dtype is bf16, else fp32."""
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """zero >= 2: dtype FSDP2 reduces (reduce-scatter / all-reduce) gradients in."""
     """Low-rank adapters on the blocks' linear layers (needs init_from); the base weights stay frozen and the run's
     checkpoints hold the adapters alone (`scalelm merge` folds them into a plain model)."""
 

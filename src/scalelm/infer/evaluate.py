@@ -20,7 +20,7 @@ from scalelm.infer.generate import GenerationError
 from scalelm.infer.load import load_any_model
 from scalelm.train.checkpoint import resolve_checkpoint
 from scalelm.train.precision import resolve_precision
-from scalelm.train.trainer import EVAL_ROWS, LN2
+from scalelm.train.trainer import LN2, eval_rows
 
 
 @dataclass
@@ -54,13 +54,11 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, device
                               f"{model.cfg.vocab_size}: evaluate on data prepared with the run's tokenizer")
     seq_len = min(cfg.train.seq_len, model.cfg.max_seq_len)
     precision = resolve_precision(cfg.train.dtype, torch.device(device))
-    chunk = min(cfg.train.global_batch, EVAL_ROWS)  # forwarded as the trainer forwards them
+    rows = eval_rows(cfg.train.global_batch)  # the trainer's windows, forwarded as it forwards them
     total = 0.0
-    for x, y in eval_batches(open_split(data_dir, "val"), seq_len, EVAL_ROWS, cfg.train.eval_batches):
-        for i in range(0, EVAL_ROWS, chunk):
-            xs, ys = x[i:i + chunk].to(device), y[i:i + chunk].to(device)
-            with precision.autocast(torch.device(device)):
-                logits = model(xs)
-            total += xs.shape[0] / EVAL_ROWS * F.cross_entropy(logits.float().flatten(0, 1), ys.flatten()).item()
+    for x, y in eval_batches(open_split(data_dir, "val"), seq_len, rows, cfg.train.eval_batches):
+        with precision.autocast(torch.device(device)):
+            logits = model(x.to(device))
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item()
     loss = total / cfg.train.eval_batches
-    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / LN2, cfg.train.eval_batches * EVAL_ROWS * seq_len)
+    return EvalResult(loss, math.exp(min(loss, 50.0)), loss / LN2, cfg.train.eval_batches * rows * seq_len)

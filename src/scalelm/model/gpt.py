@@ -9,6 +9,7 @@ be `None` on a pipeline stage that does not own them; `forward` then passes hidd
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -162,6 +163,25 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
+def initial_value(cfg: ModelConfig, name: str, shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial fp32 CPU value of parameter `name` (its single-process name) for run seed `seed`.
+
+    Normal(0, init_std) for matrices and tables, zero biases, unit norm weights; residual outputs (attention.wo,
+    mlp.w2) scaled by 1/sqrt(2·n_layer) so the residual stream's variance does not grow with depth (GPT-2). Each
+    parameter has a generator of its own, seeded from (seed, name): any process can draw any one parameter alone,
+    so a sharded build initializes shard by shard and still gets exactly these weights."""
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if len(shape) == 1:  # norm weights
+        return torch.ones(shape)
+    std = cfg.init_std
+    if name.endswith("attention.wo.weight") or name.endswith("mlp.w2.weight"):
+        std = std / math.sqrt(2 * cfg.n_layer)
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
 class GPT(nn.Module):
     """tokens [B, T] → logits [B, T, vocab]."""
 
@@ -195,21 +215,15 @@ class GPT(nn.Module):
             self.pos_table = sinusoidal_table(cfg.max_seq_len, cfg.d_model, device)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std) for matrices and tables, zero biases, unit norms; residual outputs scaled
-        by 1/sqrt(2·n_layer) so the residual stream's variance does not grow with depth (GPT-2)."""
-        std = self.cfg.init_std
-        resid_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_resid = name.endswith("attention.wo") or name.endswith("mlp.w2")
-                nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Draw every parameter from `seed` (see `initial_value`); None = a seed drawn from torch's global RNG, so
+        `torch.manual_seed(s); GPT(cfg)` is reproducible. Parameters on the meta device are left alone: a model
+        built there is initialized after it is materialized (scalelm.parallel.materialize)."""
+        if seed is None:
+            seed = int(torch.randint(2**62, (), device="cpu").item())
+        for name, p in self.named_parameters():
+            if not p.is_meta:
+                p.copy_(initial_value(self.cfg, name, p.shape, seed))
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Plain autoregressive sampling (no KV cache): re-runs the cropped context each token.
+"""Autoregressive sampling with the model's KV cache, for the trainer's samples after an evaluation.
 
-Good enough for the trainer's eval samples on small models; `scalelm.infer` adds KV-cache generation.
+`scalelm.infer` is the full generation engine (batches of prompts, stop strings, speculative decoding); the
+trainer may not import it, so this small loop is the trainer's.
 """
 
 from __future__ import annotations
@@ -8,17 +9,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scalelm.model.gpt import KVCache
+
 
 @torch.no_grad()
 def sample(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
            top_k: int | None = 50, generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
-    """prompt [B, T0] → [B, T0 + max_new_tokens]. `vocab_limit` masks padded rows of the vocabulary."""
+    """prompt [B, T0] → [B, T0 + max_new_tokens]. `vocab_limit` masks padded rows of the vocabulary.
+
+    The prompt is run once into a KV cache, then each token is one forward of one position. When the cache is
+    full (max_seq_len positions), it restarts from the last half context, as a cropped context would."""
     was_training = model.training
     model.eval()
-    ids = prompt
-    ctx = model.cfg.max_seq_len
+    cfg = model.cfg
+    ids, cache = prompt, None
+    pad = torch.zeros(prompt.shape[0], dtype=torch.long, device=prompt.device)  # rows of equal length
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -ctx:])[:, -1, :].float()
+        if cache is None or cache.length == cfg.max_seq_len:
+            new = ids[:, -(cfg.max_seq_len if cache is None else max(1, cfg.max_seq_len // 2)):]
+            cache = KVCache(cfg.n_layer, cfg.max_seq_len, pad)
+        else:
+            new = ids[:, -1:]
+        cache.prepare(new.shape[1])
+        logits = model(new, cache=cache)[:, -1, :].float()
+        cache.advance()
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
         if temperature <= 0:

@@ -19,23 +19,42 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger("scalelm.parallel")
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, cpu_offload: bool = False) -> None:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fsdp_dtypes(cfg) -> tuple[torch.dtype, torch.dtype]:
+    """(parameter dtype, gradient-reduction dtype) of FSDP's communication, from parallel.fsdp_param_dtype and
+    parallel.fsdp_reduce_dtype; "auto" parameters follow train.dtype when it is bf16, else stay fp32."""
+    p = cfg.parallel
+    param = p.fsdp_param_dtype
+    if param == "auto":
+        param = "bf16" if cfg.train.dtype == "bf16" else "fp32"
+    return DTYPES[param], DTYPES[p.fsdp_reduce_dtype]
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, cpu_offload: bool = False,
+               dtypes: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32)) -> None:
     """fully_shard each block, then the root (embedding, final norm, head). `dp_mesh` is 1-D (FSDP) or
-    2-D ("dp_replicate", "dp_shard") for HSDP: sharded within a replica group, all-reduced across groups."""
+    2-D ("dp_replicate", "dp_shard") for HSDP: sharded within a replica group, all-reduced across groups.
+    `dtypes` = (parameters, gradient reduction): the fp32 shards stay the master weights the optimizer updates;
+    with bf16 parameters every all-gather moves half the bytes and the blocks compute on the bf16 copies, while
+    gradients are reduced (and accumulated) in the reduction dtype."""
     reshard = zero >= 3  # ZeRO-2: keep the gathered parameters from forward to backward (no second all-gather)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    param_dtype, reduce_dtype = dtypes
+    mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: never reshard them.
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard and i < len(blocks) - 1,
-                    offload_policy=offload)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, offload_policy=offload)
+                    offload_policy=offload, mp_policy=mixed)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, offload_policy=offload, mp_policy=mixed)
     # Each rank's loss is already divided by the GLOBAL token count: gradients must be summed over ranks, not
     # averaged (FSDP's default). A divide factor of 1 is a plain SUM; forcing sum-type collectives keeps FSDP
     # from asking gloo for PREMUL_SUM, which it lacks.
@@ -44,7 +63,8 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, zero: int, cpu_offload: bo
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     kind = "HSDP" if dp_mesh.ndim == 2 and min(dp_mesh.mesh.shape) > 1 else "FSDP2"
-    log.info("applied %s (ZeRO-%d%s) over mesh %s", kind, zero, ", CPU offload" if cpu_offload else "",
+    log.info("applied %s (ZeRO-%d%s, parameters %s, reduction %s) over mesh %s", kind, zero,
+             ", CPU offload" if cpu_offload else "", param_dtype, reduce_dtype,
              dict(zip(dp_mesh.mesh_dim_names, dp_mesh.mesh.shape)))
 
 

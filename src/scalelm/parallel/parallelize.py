@@ -1,4 +1,5 @@
-"""Apply parallelism to a plain model, in the fixed order: PP split → per stage TP → AC → compile → FSDP/DDP.
+"""Apply parallelism to a plain model, in the fixed order: PP split → per stage TP → AC → compile → FSDP, then
+materialize a meta-device model's shards, then DDP.
 
 `parallelize` returns a `Parallel` — everything the trainer needs to run a step on this rank: the model parts,
 the pipeline schedule (or None), the mesh and the groups for reductions. Each apply_* function logs what it did.
@@ -7,6 +8,7 @@ the pipeline schedule (or None), the mesh and the groups for reductions. Each ap
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import gc
 import importlib
@@ -25,24 +27,27 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from scalelm.config import Config
 from scalelm.parallel.ac import apply_ac
-from scalelm.parallel.data_parallel import apply_ddp, apply_fsdp
+from scalelm.parallel.data_parallel import apply_ddp, apply_fsdp, fsdp_dtypes
 from scalelm.parallel.dims import ParallelDims, coordinates
+from scalelm.parallel.materialize import is_meta, materialize
 from scalelm.parallel.pipeline import TiedEmbeddings, build_schedule, forward_only, split_model, stage_owners
 from scalelm.parallel.tp import apply_tp
 
 log = logging.getLogger("scalelm.parallel")
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR in the environment): NCCL on
-    CUDA, gloo on CPU. Returns (rank, world size); (0, 1) and no process group for a single process."""
+    CUDA, gloo on CPU; a collective waits at most `timeout_s` (None: torch's default) for the other ranks.
+    Returns (rank, world size); (0, 1) and no process group for a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -170,9 +175,11 @@ class Parallel:
 
 def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, mesh: DeviceMesh, device: torch.device,
                 loss_fn=None) -> Parallel:
-    """`model` is the full model, identical on every rank (built from the run seed on CPU, then moved), so every
-    layout starts from the single-process weights. Meta-device init for models that do not fit is a later step."""
+    """`model` is the full model on the meta device (then only this rank's shards are ever allocated, after FSDP,
+    with the single-process initial weights of the run seed: materialize.py), or materialized and identical on
+    every rank (a model a `prepare_model` hook changed)."""
     p = cfg.parallel
+    meta = is_meta(model)
     coords = coordinates(mesh, dims.flat["dp"])
     # 1. PP split
     if dims.pp > 1:
@@ -180,7 +187,7 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, mesh: DeviceM
     else:
         ids, parts = [0], [model]
     n_stages = dims.pp * dims.stages_per_rank if dims.pp > 1 else 1
-    for i, part in enumerate(parts):
+    for part in parts:
         # 2. TP (+ sequence parallel)
         if dims.tp > 1:
             apply_tp(part, mesh["tp"], p.sequence_parallel)
@@ -191,11 +198,14 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, mesh: DeviceM
             for block in part.layers.values():
                 block.compile()
             log.info("compiled %d blocks", len(part.layers))
-        # 5. data parallel
+        # 5. FSDP (DDP after materialization: it broadcasts rank 0's weights when it wraps)
         if dims.fsdp:
             dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-            apply_fsdp(part, dp_mesh, p.zero, p.cpu_offload)
-        elif dims.ddp:
+            apply_fsdp(part, dp_mesh, p.zero, p.cpu_offload, fsdp_dtypes(cfg))
+    if meta:
+        materialize(parts, device, cfg.seed)
+    for i, part in enumerate(parts):
+        if dims.ddp:
             parts[i] = apply_ddp(part, dims.flat["dp"], p.grad_compression, p.powersgd_rank, p.powersgd_start_step)
     par = Parallel(dims, mesh, parts, coords=coords)
     if dims.pp > 1:
@@ -241,29 +251,3 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group=None, 
         if p.grad is not None:
             p.grad.mul_(coef)
     return total
-
-
-# ---- the full model, gathered -----------------------------------------------------------------------
-@torch.no_grad()
-def gather_full_state(par: Parallel, tied: bool) -> dict[str, torch.Tensor] | None:
-    """Every parameter, full size, on CPU, under its single-process name — on global rank 0 (None elsewhere).
-    A tied head is kept once (as the embedding), as in the single-process `unique_state`."""
-    from scalelm.parallel.checkpoint import named_parameters
-
-    local: dict[str, torch.Tensor] = {}
-    for name, p in named_parameters(par.parts, tied):
-        full = p.full_tensor() if isinstance(p, DTensor) else p  # collective over the DTensor's mesh
-        local.setdefault(name, full.detach().cpu().clone())
-    if par.dims.pp == 1:
-        return local if dist.get_rank() == 0 else None
-    # Pipeline ranks hold different parameters: ranks at data/tensor coordinate 0 send theirs to rank 0.
-    sender = par.coords["dp"] == 0 and par.coords["tp"] == 0
-    gathered: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local if sender else {}, gathered, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    full: dict[str, torch.Tensor] = {}
-    for piece in gathered:
-        for k, v in piece.items():
-            full.setdefault(k, v)
-    return full

@@ -6,6 +6,10 @@ step, shorter (the trainer picks by measured rates, train/run.py). This class is
 `momentum_buffer` per matrix, the same hyper-parameters and learning-rate adjustment), so checkpoints move between
 the two; only the orthogonalization's dtype is a parameter. Written out rather than patched because torch's step
 calls its module-level bf16 function directly.
+
+Under FSDP, HSDP and tensor parallelism a rank holds shards of a matrix; the Newton-Schulz iteration needs the
+whole matrix, so each update is gathered per parameter, orthogonalized and re-sharded (`orthogonalize_whole`),
+as distributed Muon implementations do: the same optimizer, and the same updates, on every layout.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -28,6 +33,18 @@ def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float]
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+def orthogonalize_whole(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """`orthogonalize` of the whole matrix also when `update` is a DTensor shard (FSDP, HSDP, TP): the matrix is
+    all-gathered, orthogonalized (identically on every rank) and each rank keeps its own shard of the result, so
+    every layout applies the single-process update. One matrix is whole at a time."""
+    if not isinstance(update, DTensor):
+        return orthogonalize(update, coefficients, steps, eps, dtype)
+    full = orthogonalize(update.full_tensor(), coefficients, steps, eps, dtype)
+    # src_data_rank=None: every rank holds the same result; each keeps its slice, no communication.
+    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
@@ -70,8 +87,8 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
+                update = orthogonalize_whole(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                             self.ns_dtype)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss

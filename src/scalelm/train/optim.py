@@ -55,14 +55,15 @@ def build_optimizers(model: nn.Module | list[nn.Module], cfg: OptimConfig, zero1
                                               weight_decay=cfg.weight_decay, ns_dtype=muon_ns_dtype))
         return optimizers
     # fused AdamW runs one kernel over all tensors (CPU and CUDA); it needs plain (non-DTensor) params on
-    # one device type, which the parallel path may not have — foreach is the fallback.
+    # one device type. Sharded (DTensor) parameters step one at a time: foreach would hold a temporary as large
+    # as all of this rank's second moments (their square roots), which at scale is what sharding saved.
     dtensors = any(type(p).__name__ == "DTensor" for _, p in named)
     try:
         if dtensors:
             raise TypeError("DTensor parameters")
         adamw = torch.optim.AdamW(groups, fused=True, **adam_kwargs)
     except (RuntimeError, TypeError):
-        adamw = torch.optim.AdamW(groups, foreach=True, **adam_kwargs)
+        adamw = torch.optim.AdamW(groups, foreach=not dtensors, **adam_kwargs)
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if muon_params:
         optimizers.append(Muon(muon_groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_dtype=muon_ns_dtype))

@@ -21,9 +21,11 @@ from scalelm.model.counting import num_params
 from scalelm.model.gpt import GPT
 from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice, release_process_groups
 from scalelm.parallel.ac import apply_ac
+from scalelm.parallel.materialize import materialize
 from scalelm.train.adapters import AdapterView, adapter_trainer
 from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
 from scalelm.train.device import resolve_device
+from scalelm.train.fits import check_fits
 from scalelm.train.forecast import prepare_forecast
 from scalelm.train.host_memory import keep_freed_host_memory
 from scalelm.train.init_from import prepare_finetune
@@ -34,10 +36,17 @@ from scalelm.train.precision import cpu_bf16_is_faster, resolve_precision
 from scalelm.train.trainer import Trainer, token_loss
 
 
-def build_model(cfg: Config, device: torch.device, seed: int) -> GPT:
-    """Weights drawn on CPU from the run seed, then moved: the same seed gives the same model on any device."""
+def build_model(cfg: Config, device: torch.device, seed: int, meta: bool = False) -> GPT:
+    """The model built on the meta device (shapes only), then materialized on `device` — or, with `meta`, left
+    there for `parallelize` to split and shard first and then materialize only this rank's shards. Each parameter
+    is drawn on the CPU from (seed, its name) (model.gpt.initial_value): the same seed gives the same weights on
+    any device and any layout."""
     torch.manual_seed(seed)
-    return GPT(cfg.model).to(device)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    if not meta:
+        materialize([model], device, seed)
+    return model
 
 
 def _trim_metrics(run_dir: Path, step: int, head: list[dict[str, Any]]) -> None:
@@ -68,7 +77,9 @@ def train(cfg: Config, *, prepare_model: ModelHook | None = None,
     device = resolve_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if device.type == "cpu" and cfg.cpu.keep_host_memory:
+    # One process only: with several, gloo's threads allocate too, and a heap that never gives memory back
+    # held each FSDP rank at 1.6× its peak of live tensors (gpt2-355m, bench/memory.py).
+    if device.type == "cpu" and cfg.cpu.keep_host_memory and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         keep_freed_host_memory()
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -111,6 +122,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
     cfg.train.dtype = precision.name  # saved resolved, so a resume runs in the same precision
     # The perf model's view of this run; with parallel.auto the planner writes the layout into cfg first.
     forecast = prepare_forecast(cfg, device, world_size, precision.name)
+    check_fits(cfg, world_size, precision.name, device)  # a model that cannot fit a rank: refused before building
     matmul = _choose_cpu_matmul(cfg, device, precision.name)
     dims = ParallelDims.from_config(cfg, world_size) if world_size > 1 else None  # validates before any work
     cfg.optim.name = resolve_optimizer(cfg, dims.tp if dims else 1, dims.dp if dims else 1)  # saved resolved
@@ -132,8 +144,12 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
         (run_dir / "config.toml").write_text(to_toml(cfg))
         tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
 
-    model = build_model(cfg, device, cfg.seed)
-    if cfg.init_from or cfg.lora.rank:  # weights from init_from, then LoRA adapters (train/init_from.py)
+    # A distributed run builds on the meta device and materializes only this rank's shards (in parallelize). A
+    # `prepare_model` hook may load weights or add modules, so it gets a materialized plain model (every rank
+    # then holds the whole model until parallelize shards it, as a single process does).
+    finetune = bool(cfg.init_from or cfg.lora.rank)  # loads weights into the plain model, as a hook does
+    model = build_model(cfg, device, cfg.seed, meta=dims is not None and prepare_model is None and not finetune)
+    if finetune:
         prepare_finetune(model, cfg)
     if prepare_model is not None:
         prepare_model(model, cfg)
@@ -151,8 +167,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
         optimizers = build_optimizers(model, cfg.optim, muon_ns_dtype=muon_ns)
         loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
     else:
-        # Every rank built the same full model from the same seed (CPU init): each layout starts from the
-        # single-process weights. Now PP split → TP → AC → compile → FSDP/DDP, then optimizers over the result.
+        # PP split → TP → AC → compile → FSDP on the meta model, then each rank's shards materialized from the
+        # run seed (the single-process weights, whatever the layout), DDP; then optimizers over the result.
         mesh = dims.build_mesh(device.type)
         loss_fn = partial(token_loss, tokens_per_step=cfg.train.global_batch * cfg.train.seq_len,
                           tp_mesh=mesh["tp"] if dims.tp > 1 else None)

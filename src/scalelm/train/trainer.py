@@ -27,7 +27,8 @@ from scalelm.data import BatchLoader, eval_batches
 from scalelm.model.counting import flops_per_token
 from scalelm.model.sample import sample
 from scalelm.parallel.comm import CommCounter
-from scalelm.parallel.parallelize import Parallel, clip_grad_norm_, gather_full_state, rank0_choice, unwrap
+from scalelm.parallel.fingerprint import sharded_sha256
+from scalelm.parallel.parallelize import Parallel, clip_grad_norm_, rank0_choice, unwrap
 from scalelm.train import budget
 from scalelm.train.checkpoint import save_checkpoint, save_distributed_checkpoint, state_sha256, unique_state
 from scalelm.train.metrics import MetricsLogger, now
@@ -36,7 +37,14 @@ from scalelm.train.precision import Precision
 
 LN2 = math.log(2.0)
 EVAL_ROWS = 32
-"""Validation windows per evaluation batch (train.eval_batches of them)."""
+"""Validation windows per evaluation batch (train.eval_batches of them), or the training batch if smaller."""
+
+
+def eval_rows(global_batch: int) -> int:
+    """Windows per evaluation batch: EVAL_ROWS, or the training batch when smaller (memory sized for it, and the
+    end of a run sized like its middle). Runs with the same batch (any batch from EVAL_ROWS up) see the same
+    windows, so their val losses compare."""
+    return min(EVAL_ROWS, global_batch)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -83,12 +91,9 @@ class Trainer:
         self.tokens_per_step = t.global_batch * t.seq_len  # the loss is normalized by the GLOBAL token count
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.params = parallel.norm_params() if parallel else [p for p in model.parameters() if p.requires_grad]
-        # The same EVAL_ROWS x eval_batches windows whatever the training batch, so val losses compare across
-        # runs; forwarded in chunks of at most global_batch rows (a run's batch is what its memory allows).
-        chunk = min(t.global_batch, EVAL_ROWS)
-        self.val_batches = [(x[i:i + chunk], y[i:i + chunk])
-                            for x, y in eval_batches(val_tokens, t.seq_len, EVAL_ROWS, t.eval_batches)
-                            for i in range(0, EVAL_ROWS, chunk)]
+        # The same windows at every evaluation: eval_batches batches of eval_rows(global_batch) windows, never
+        # more than a training batch, so an evaluation batch costs a third of a step (a forward, no backward).
+        self.val_batches = eval_batches(val_tokens, t.seq_len, eval_rows(t.global_batch), t.eval_batches)
         self.last_val_loss: float | None = None
         self.budget_steps: int | None = None  # the run's length once train.time_budget_min has fixed it
 
@@ -192,10 +197,9 @@ class Trainer:
             part.eval()
         total = 0.0
         for x, y in self.val_batches:
-            rows = x.shape[0] / EVAL_ROWS  # chunks may differ in size: weight each by its rows
             x, y = x.to(self.device), y.to(self.device)
             if self.pipeline is not None:
-                total += rows * self.pipeline_eval(x, y)
+                total += self.pipeline_eval(x, y)
                 continue
             with self.loss_context():
                 with self.precision.autocast(self.device):
@@ -203,12 +207,12 @@ class Trainer:
                 if self.parallel is not None and self.parallel.tp_mesh is not None:
                     logits = DTensor.from_local(logits, self.parallel.tp_mesh, [Shard(-1)], run_check=False)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            total += rows * _plain(loss).item()
+            total += _plain(loss).item()
         for part in parts:
             part.train()
         if self.parallel is not None:
             self.parallel.reshard()
-        return total / self.cfg.train.eval_batches
+        return total / len(self.val_batches)
 
     def pipeline_eval(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Mean loss of one batch through the pipeline, forward only; the last stage shares it with the others."""
@@ -327,7 +331,7 @@ class Trainer:
         they all stop together."""
         t = self.cfg.train
         if eval_s is None:
-            eval_tokens = t.eval_batches * EVAL_ROWS * t.seq_len
+            eval_tokens = t.eval_batches * eval_rows(t.global_batch) * t.seq_len
             eval_s = budget.eval_seconds(step_s, self.tokens_per_step, eval_tokens, t.sample_tokens, t.seq_len)
         total = budget.steps_within(60 * t.time_budget_min, elapsed_s, self.step, step_s, eval_s, t.eval_every,
                                     t.steps)
@@ -361,9 +365,10 @@ class Trainer:
                                         self.state_dict(), ck.keep, self.cfg.model)
 
     def params_sha256(self) -> str | None:
-        """Hash of the full model: gathered from all ranks in a distributed run (the same weights hash the same
-        on every layout)."""
+        """Hash of the full model (rank 0; None on other ranks), the same for the same weights on every layout. A
+        distributed run streams it one parameter at a time (parallel/fingerprint.py): no rank holds the model."""
         if self.parallel is None:
             return state_sha256(unique_state(self.model))
-        full = gather_full_state(self.parallel, self.cfg.model.tie_embeddings)
-        return state_sha256(full) if full is not None else None
+        par = self.parallel
+        return sharded_sha256(par.parts, self.cfg.model.tie_embeddings, par.pp_group,
+                              sender=par.coords["dp"] == 0 and par.coords["tp"] == 0)

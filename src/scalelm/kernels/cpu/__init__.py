@@ -36,12 +36,13 @@ def apply_cpu_kernels(model: nn.Module, matmul: str = "blas", kernels: bool = Tr
 
     kernels: the C++ attention and RMSNorm kernels, q/k/v fusion and ATen's embedding backward; matmul: "onednn"
     routes fp32 linear layers through oneDNN, "blas" leaves them to PyTorch. Applies nothing to a model with
-    parameters off the CPU or sharded as DTensors (tensor parallelism). Returns what it applied, for the log."""
+    parameters off the CPU or sharded as DTensors (tensor parallelism); a model on the meta device (built there to
+    be sharded, then materialized on the CPU) is swapped like a CPU one. Returns what it applied, for the log."""
     if matmul not in ("blas", "onednn"):
         raise ValueError(f"matmul must be 'blas' or 'onednn', got {matmul!r}")
     if matmul == "onednn" and not onednn_available():
         raise ValueError("this PyTorch build has no oneDNN (mkldnn); use matmul='blas'")
-    if any(type(p) is not nn.Parameter or p.device.type != "cpu" for p in model.parameters()):
+    if any(type(p) is not nn.Parameter or p.device.type not in ("cpu", "meta") for p in model.parameters()):
         log.info("CPU kernels not applied: parameters are not plain CPU tensors")
         return []
     built = kernels and build.available()

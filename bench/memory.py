@@ -70,7 +70,7 @@ def phases_worker(train_flags: list[str]) -> None:
     from scalelm.train.trainer import token_loss
 
     cfg = build_config({}, parse_overrides(train_flags))
-    if cfg.cpu.keep_host_memory:  # as train() does on a CPU
+    if cfg.cpu.keep_host_memory and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # as train() does on a CPU
         keep_freed_host_memory()
     device = torch.device("cpu")
     rank, world = init_distributed(device)

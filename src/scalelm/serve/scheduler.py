@@ -115,12 +115,12 @@ class Scheduler:
             jobs, rows = [], 0
             while self._waiting and (not jobs or rows + len(self._waiting[0].requests) <= self.max_batch):
                 job = self._waiting.popleft()
-                rows += len(job.requests)
                 self.metrics.waiting.dec(len(job.requests))
-                if not job.cancelled:  # its client left while it waited
-                    jobs.append(job)
-                else:
+                if job.cancelled:  # its client left while it waited
                     job.put(_END)
+                    continue
+                rows += len(job.requests)
+                jobs.append(job)
             return jobs
 
     def _run(self) -> None:

@@ -237,3 +237,19 @@ def test_a_client_that_leaves_before_a_whole_response_frees_its_rows(run):
         assert state.scheduler.idle.wait(60)
         assert state.metrics.cancelled._value.get() == 1
         assert state.metrics.engine_tokens._value.get() <= 2  # the token before the gate, and at most one after
+
+
+def test_a_body_that_is_not_json_is_a_400(server):
+    request = urllib.request.Request(server[0] + "/v1/completions", data=b"{not json", method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request)
+    assert caught.value.code == 400
+    error = json.loads(caught.value.read())["error"]
+    assert error["type"] == "invalid_request_error" and "not valid JSON" in error["message"]
+
+
+def test_several_prompts_times_n_are_choices_in_order_each_with_its_own_seed(client, engine):
+    out = client.completions.create(model="run", prompt=["Hi", "Yo"], n=2, max_tokens=6, seed=11)
+    want = [engine.generate(p, 6, Sampling(1.0), seed=11 + i)[0].text for i, p in enumerate(["Hi", "Hi", "Yo", "Yo"])]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3] and [c.text for c in out.choices] == want

@@ -99,6 +99,8 @@ def create_app(path: str | Path | None = None, *, max_batch: int = 8, max_tokens
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error')})")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
         return error_response(400, message, loc[0] if loc else None)
@@ -167,7 +169,7 @@ def create_app(path: str | Path | None = None, *, max_batch: int = 8, max_tokens
 def _rows(state: ServerState, generator: Generator, prompts: list[str], body, budget: int | None,
           stops: tuple[str, ...], logprobs: bool, top: int, param: str) -> tuple[list[Row], int]:
     """The engine rows of a request (n per prompt, choice index = prompt · n + j) and its prompt tokens; a 400 for
-    a prompt that cannot be served or a budget over the limits. Choice j of a seeded request draws with seed + j."""
+    a prompt that cannot be served or a budget over the limits. Choice i of a seeded request draws with seed + i."""
     context, limit = generator.cfg.max_seq_len, state.max_tokens_limit
     if len(prompts) * body.n > state.max_batch:
         raise APIError(400, f"this request asks for {len(prompts) * body.n} choices (prompts × n) but the server "
@@ -187,8 +189,8 @@ def _rows(state: ServerState, generator: Generator, prompts: list[str], body, bu
         if budget is not None and budget > room:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has "
                            f"{n_tokens}, so max_tokens can be at most {room} (got {budget})", "max_tokens")
-        for j in range(body.n):
-            seed = None if body.seed is None else (body.seed + j) % 2**63
+        for _ in range(body.n):
+            seed = None if body.seed is None else (body.seed + len(rows)) % 2**63
             rows.append(Row(prompt, min(room, limit) if budget is None else budget, sampling, seed, stops,
                             logprobs, top))
     return rows, prompt_tokens

@@ -79,7 +79,7 @@ def test_greedy_identical_to_target_alone(shape):
                 assert stats.target_forwards == -(-len(ref.tokens) // (k + 1))
         rates[name] = accepted / proposed
     assert rates["random"] < 0.1 and rates["itself"] == 1.0
-    assert 0.3 < rates["first layer"] < 0.9  # a fair approximation: rounds that keep some drafts, not all
+    assert 0.2 < rates["first layer"] < 0.9  # a fair approximation: rounds that keep some drafts, not all
 
 
 @pytest.mark.parametrize("k", [1, 2, 7])

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import scalelm
 from scalelm.cli import main
+from scalelm.config import ConfigError, build_config, resolve_optimizer
 from scalelm.data import default_dataset, eval_batches, open_split
 from scalelm.interop import export_hf
 from scalelm.interop.merge import load_lora_model
@@ -108,3 +109,10 @@ def test_lora_fine_tuning_lowers_held_out_loss(base_run, tmp_path):
 def test_lora_mistakes_are_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), *FT, "--lora.rank", "4"]) == 2
     assert "lora.rank needs --init-from" in capsys.readouterr().err
+
+
+def test_lora_runs_train_with_adamw():
+    cfg = build_config({}, {"init_from": "runs/base", "lora.rank": "8"})
+    assert resolve_optimizer(cfg) == "adamw"
+    with pytest.raises(ConfigError, match="LoRA adapters train with AdamW"):
+        build_config({}, {"init_from": "runs/base", "lora.rank": "8", "optim.name": "muon"})

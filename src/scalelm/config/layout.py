@@ -20,6 +20,8 @@ def resolve_optimizer(cfg: Config, tp: int = 1, dp: int = 1) -> str:
     """The optimizer `optim.name` means (`auto` → muon on every layout, see OptimConfig.name): the same command
     trains the same model on one process and on many. A layout Muon cannot run is refused by validate_parallel,
     never given another optimizer."""
+    if cfg.lora.rank and cfg.optim.name == "auto":
+        return "adamw"  # LoRA's adapters are low-rank factors, not the matrices Muon orthogonalizes
     return "muon" if cfg.optim.name == "auto" else cfg.optim.name
 
 

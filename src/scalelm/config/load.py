@@ -234,6 +234,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.rank={cfg.lora.rank} must be >= 0 and lora.alpha={cfg.lora.alpha} > 0")
     if cfg.lora.rank and not cfg.init_from:
         raise ConfigError("lora.rank needs --init-from RUN_OR_HF_DIR: LoRA adapts the weights of an existing model")
+    if cfg.lora.rank and cfg.optim.name == "muon":
+        raise ConfigError("LoRA adapters train with AdamW; use --optim.name adamw (or auto)")
     validate_parallel(cfg)
 
 

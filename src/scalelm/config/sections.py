@@ -27,7 +27,8 @@ class DataConfig:
 class OptimConfig:
     name: Literal["auto", "adamw", "muon"] = "auto"
     """muon = torch.optim.Muon on the blocks' matrices + AdamW on embeddings, head, norms and biases; adamw = AdamW
-    on everything; auto = muon on every layout (sharded matrices are gathered one at a time to be orthogonalized).
+    on everything; auto = muon on every layout (sharded matrices are gathered one at a time to be orthogonalized),
+    adamw for LoRA runs (their adapters are low-rank factors).
     Muon trains the default model to a lower loss in the same steps (docs/benchmarks.md#muon-vs-adamw)."""
     lr: float = 3e-3
     """Peak learning rate (after warmup)."""

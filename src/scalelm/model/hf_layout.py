@@ -119,7 +119,8 @@ def hf_module_name(cfg: ModelConfig, name: str) -> str:
     _, i, rest = name.split(".", 2)
     if hf_family(cfg) == "llama":
         return f"model.layers.{i}.{_LLAMA_BLOCK[rest]}"
-    return f"transformer.h.{i}.{'attn.c_attn' if rest in ('attention.wq', 'attention.wk', 'attention.wv') else _GPT2_BLOCK[rest]}"
+    fused = rest in ("attention.wq", "attention.wk", "attention.wv")
+    return f"transformer.h.{i}.{'attn.c_attn' if fused else _GPT2_BLOCK[rest]}"
 
 
 def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -186,7 +187,8 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                 out[p + ours + ".bias"] = get(h + theirs + ".bias")
             w, b = get(h + "attn.c_attn.weight").t(), get(h + "attn.c_attn.bias")
             for j, n in enumerate(("wq", "wk", "wv")):
-                out[f"{p}attention.{n}.weight"], out[f"{p}attention.{n}.bias"] = w[j * d:(j + 1) * d], b[j * d:(j + 1) * d]
+                rows = slice(j * d, (j + 1) * d)
+                out[f"{p}attention.{n}.weight"], out[f"{p}attention.{n}.bias"] = w[rows], b[rows]
     if not cfg.tie_embeddings:
         out["output.weight"] = get("lm_head.weight")
     return {k: v.contiguous() for k, v in out.items()}

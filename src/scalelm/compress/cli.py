@@ -73,18 +73,20 @@ def _calibration(cfg, model, batches: int, rows: int = 16):
     return [loader.next_batch()[0] for _ in range(batches)]
 
 
-def _run_config(checkpoint: Path):
+def _run_config(checkpoint: Path, overrides: dict | None = None):
+    """The config of the run a checkpoint belongs to (defaults where it has none), with `overrides` on top."""
     from scalelm.config import build_config, load_toml
     from scalelm.infer.evaluate import run_dir_of
 
     config_file = run_dir_of(checkpoint) / "config.toml"
-    return build_config(load_toml(config_file) if config_file.is_file() else {})
+    return build_config(load_toml(config_file) if config_file.is_file() else {}, overrides)
 
 
 def main_prune(argv: list[str]) -> int:
     p = CliParser(prog="scalelm prune", description="Prune a trained model's block linear layers: magnitude "
                   "or Wanda scores (|W|·‖X‖ from calibration batches of the training data), unstructured or 2:4, "
-                  "optionally followed by a recovery fine-tune that keeps the masks.")
+                  "optionally followed by a recovery fine-tune that keeps the masks. Other arguments are "
+                  "`scalelm train` keys (--SECTION.KEY VALUE) for the recovery run, e.g. --train.compile false.")
     p.add_argument("path", help="run directory or checkpoint directory")
     p.add_argument("--method", required=True, help="magnitude or wanda")
     p.add_argument("--sparsity", type=float, default=None, help="share of each row's weights to zero, 0 <= S < 1")
@@ -95,8 +97,13 @@ def main_prune(argv: list[str]) -> int:
     p.add_argument("--recover-lr-scale", type=float, default=0.1, help="the recovery's peak learning rates "
                    "(optim.lr and optim.muon_lr) as a share of the run's (default 0.1)")
     p.add_argument("--out", required=True, help="directory to write (new)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
     from scalelm.compress.prune import PruneError, check_options
+    from scalelm.config import parse_overrides
+
+    args.overrides = parse_overrides(rest)
+    if args.overrides and not args.recover_steps:
+        raise UsageError(f"{rest[0]}: `scalelm train` keys apply to the recovery run only; add --recover-steps N")
 
     try:
         check_options(args.method, args.sparsity, args.pattern)
@@ -124,7 +131,7 @@ def _prune(args, options: dict, out: Path, resuming: bool) -> int:
     from scalelm.train.checkpoint import unique_state
 
     checkpoint, model = _dense_source(args.path)
-    cfg = _run_config(checkpoint)
+    cfg = _run_config(checkpoint, args.overrides)
     if resuming:
         masks = {k: v.bool() for k, v in load_file(str(out / "masks.safetensors")).items()}
     else:

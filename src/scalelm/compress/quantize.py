@@ -27,7 +27,6 @@ from torch import nn
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
-INT4_OFFSET = 8  # int4 values 0..15 stand for q - 8: dequantized w = (q - 8) · scale + zero (tinygemm's form)
 
 
 class QuantizeError(ValueError):
@@ -47,22 +46,25 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group of `group_size` consecutive input weights: q uint8 [N, K] in 0..15, scale and
-    zero fp16 [N, K/group_size]; w ≈ (q − 8) · scale + zero. Scale and zero are rounded to fp16 before q is
-    chosen, so the stored numbers dequantize to within scale / 2 of w (plus the fp16 rounding of the zero)."""
+    zero (the group's minimum) fp16 [N, K/group_size]; w ≈ q · scale + zero. Scale and zero are rounded to fp16
+    before q is chosen, so the stored numbers dequantize to within scale / 2 of w (plus the fp16 rounding of the
+    zero)."""
     n, k = w.shape
     g = w.detach().float().reshape(n, k // group_size, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=2.0**-14).half()  # fp16's smallest normal: an all-equal group stays exact
-    zero = (lo + INT4_OFFSET * scale.float()).half()
-    q = ((g - zero.float()[..., None]) / scale.float()[..., None] + INT4_OFFSET).round().clamp(0, 15)
+    zero = lo.half()
+    q = ((g - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
     return q.to(torch.uint8).reshape(n, k), scale, zero
 
 
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q · scale + zero in `dtype`: one fused multiply-add over the groups (decode runs it for every layer)."""
     n, k = q.shape
     groups = scale.shape[1]
-    g = (q.float().reshape(n, groups, k // groups) - INT4_OFFSET) * scale.float()[..., None] + zero.float()[..., None]
-    return g.reshape(n, k)
+    w = torch.addcmul(zero[..., None], q.reshape(n, groups, k // groups).to(dtype), scale[..., None])
+    return w.reshape(n, k).to(dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,9 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    """The inverse of pack_int4, by one broadcast shift and mask (no concatenation: decode unpacks every step)."""
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
 
 
 # ---- the modules ------------------------------------------------------------------------------------------
@@ -91,7 +95,7 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize_int4(unpack_int4(self.weight_packed), self.scale, self.zero).to(x.dtype)
+        w = dequantize_int4(unpack_int4(self.weight_packed), self.scale, self.zero, x.dtype)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:

@@ -99,9 +99,10 @@ def main_prune(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="directory to write (new)")
     args, rest = p.parse_known_args(argv)
     from scalelm.compress.prune import PruneError, check_options
-    from scalelm.config import parse_overrides
+    from scalelm.config import build_config, parse_overrides
 
     args.overrides = parse_overrides(rest)
+    build_config({}, args.overrides)  # an unknown key (a mistyped option) is named here
     if args.overrides and not args.recover_steps:
         raise UsageError(f"{rest[0]}: `scalelm train` keys apply to the recovery run only; add --recover-steps N")
 

@@ -178,6 +178,8 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
             cfg.model = get_preset(str(preset))
         except KeyError as e:
             raise ConfigError(f"model.preset: {e.args[0]}") from None
+    elif "model.preset" in merged:
+        cfg.model.preset = None  # a model given key by key (an --init-from source's), no preset behind it
     for key, value in merged.items():
         if key == "model.preset":
             continue

@@ -65,7 +65,7 @@ def with_source_model(file_values: dict, overrides: dict) -> dict:
     if not init_from or "model.preset" in overrides or "model.preset" in file_values:
         return file_values
     model = source_model_config(init_from).to_dict()
-    source = {f"model.{k}": v for k, v in model.items() if k != "preset" or v is not None}
+    source = {f"model.{k}": v for k, v in model.items()}
     return {**source, **file_values}
 
 

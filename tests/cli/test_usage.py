@@ -28,6 +28,12 @@ BAD_INPUT = {
     "plan evaluate": [["runs.csv", "--jsn"], [], ["missing.csv"]],
     "hw": [["list", "--bogus"], [], ["show"], ["lst"], ["show", "z100"]],
     "calibrate": [["--quik"], ["--quick=yes"], ["--out"]],
+    "export hf": [[], ["run"], ["no-such-run", "--out", "hf"], ["run", "--out", "hf", "--dtype", "fp7"]],
+    "import": [["hf"], ["onnx", "d", "--out", "o"], ["hf", "nowhere", "--out", "o"]],
+    "merge": [[], ["no-such-run", "--out", "o"], ["run", "--bogus"]],
+    "finetune-classify": [["--init-from", "run"], ["--data", "x.jsonl"], ["--data"],
+                          ["--data", "x.jsonl", "--init-from", "run", "--val-fraction", "half"]],
+    "classify": [[], ["run"], ["no-such-run", "--text", "x"]],
 }
 
 

@@ -64,13 +64,15 @@ def phases_worker(train_flags: list[str]) -> None:
 
     from scalelm.config import build_config, parse_overrides
     from scalelm.parallel import ParallelDims, init_distributed, parallelize
-    from scalelm.train.host_memory import keep_freed_host_memory
+    from scalelm.train.host_memory import keep_freed_host_memory, return_freed_host_memory
     from scalelm.train.optim import build_optimizers
     from scalelm.train.run import build_model
     from scalelm.train.trainer import token_loss
 
     cfg = build_config({}, parse_overrides(train_flags))
-    if cfg.cpu.keep_host_memory and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # as train() does on a CPU
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # as train() does on a CPU
+        return_freed_host_memory()
+    elif cfg.cpu.keep_host_memory:
         keep_freed_host_memory()
     device = torch.device("cpu")
     rank, world = init_distributed(device)
@@ -107,6 +109,7 @@ def run_worker(train_flags: list[str], out: str) -> None:
     from scalelm.train.trainer import Trainer
 
     timings: dict[str, list[float]] = {}
+    peaks: dict[str, float] = {}
 
     def timed(name, method):
         def wrapper(*a, **k):
@@ -115,6 +118,7 @@ def run_worker(train_flags: list[str], out: str) -> None:
                 return method(*a, **k)
             finally:
                 timings.setdefault(name, []).append(now() - start)
+                peaks[name] = rss_gib()[1]  # peak so far, after this phase's latest call
         return wrapper
 
     class TimedTrainer(Trainer):
@@ -125,10 +129,8 @@ def run_worker(train_flags: list[str], out: str) -> None:
 
     cfg = build_config({}, parse_overrides([*train_flags, "--out", out]))
     train(cfg, trainer_class=TimedTrainer)
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    print("RUN " + json.dumps({"rank": rank, "peak_gib": rss_gib()[1], **timings}), flush=True)
+    rank = int(os.environ.get("RANK", "0"))  # (train() has released the process group)
+    print("RUN " + json.dumps({"rank": rank, "peak_gib": rss_gib()[1], "peak_after": peaks, **timings}), flush=True)
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
@@ -155,6 +157,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--sample-tokens", type=int, default=0)
     p.add_argument("--part", choices=("phases", "run", "both"), default="both")
+    p.add_argument("--nproc", default="1,2", help="the layouts to run: 1 (one process), 2 (FSDP), or both")
     p.add_argument("--worker", choices=("phases", "run"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -164,7 +167,7 @@ def main() -> None:
     if args.worker == "run":
         return run_worker(args.rest, args.out)
     train_flags = flags(args)
-    layouts = (("one process", 1), ("FSDP dp_shard=2", 2))
+    layouts = [(name, n) for name, n in (("one process", 1), ("FSDP dp_shard=2", 2)) if str(n) in args.nproc]
     print(f"{args.preset}, seq {args.seq}, global batch {args.batch}, {args.dtype}, {args.optim}, {args.steps} steps; "
           f"resident GiB after each phase (peak so far)")
     if args.part in ("phases", "both"):
@@ -179,7 +182,7 @@ def main() -> None:
         print("\n| layout | peak GiB per rank | vs one process | median step s | final eval s | sample s | "
               "hash s | after last step s (÷ step) | checkpoint write s |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        base = None
+        base, notes = None, []
         for name, n in layouts:
             with tempfile.TemporaryDirectory() as out:
                 ranks = launch(n, "run", train_flags, str(Path(out) / "run"))
@@ -192,6 +195,10 @@ def main() -> None:
             print(f"| {name} | {', '.join(f'{g:.2f}' for g in peaks)} | {max(peaks) / base:.2f}× | {step:.2f} | "
                   f"{end['evaluate']:.2f} | {end['sample_text']:.2f} | {end['params_sha256']:.2f} | "
                   f"{after:.2f} ({after / step:.2f}×) | {end['save']:.2f} |")
+            notes.append(f"{name}: peak GiB after " + "; ".join(
+                f"rank {r['rank']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("peak_after", {}).items())
+                for r in ranks))
+        print("\n".join(notes))
 
 
 if __name__ == "__main__":

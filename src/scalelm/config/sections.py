@@ -100,7 +100,8 @@ class CpuConfig:
     keep_host_memory: bool = True
     """Keep freed memory in the process for the next step instead of returning it to the OS (glibc), which saves
     re-faulting every activation each step; false leaves the system allocator as it is. Single-process runs only:
-    distributed ranks keep the system allocator (their collectives' threads would grow the kept heap)."""
+    distributed CPU ranks hand every freed block of 1 MiB or more back instead, so a sharded rank's resident
+    memory follows its live tensors (train/host_memory.py)."""
 
 
 @dataclass

@@ -9,6 +9,8 @@ in the next forward: tens of thousands of page faults per step, which slow a CPU
 GPUs avoid this with the CUDA caching allocator; CPU training guides preload jemalloc or tcmalloc. Two `mallopt`
 calls give the same effect for glibc with no preload and no new dependency: no mmap for tensors, no trimming.
 The price is that the process keeps its peak heap until it exits, which a training process reaches every step anyway.
+
+Ranks that shard a model to fit it make the opposite choice (`return_freed_host_memory`): memory over speed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import platform
 
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 
 _applied = False
@@ -45,3 +48,20 @@ def keep_freed_host_memory() -> bool:
     # Trim only beyond 2 GiB free at the top of the heap (the largest value mallopt takes).
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+def return_freed_host_memory(threshold_bytes: int = 1 << 20) -> bool:
+    """The opposite choice, for ranks that shard a model to fit it: every block of `threshold_bytes` or more is its
+    own mmap, handed back to the OS when freed, so resident memory follows the live tensors. glibc's adaptive
+    threshold (up to 32 MiB) otherwise serves the many mid-sized tensors of FSDP's gathers and gradient reductions
+    from the heap, where freed pieces of different sizes fragment it and the peak grows (bench/memory.py). True if
+    it is in effect; False where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))

@@ -27,7 +27,7 @@ from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_di
 from scalelm.train.device import resolve_device
 from scalelm.train.fits import check_fits
 from scalelm.train.forecast import prepare_forecast
-from scalelm.train.host_memory import keep_freed_host_memory
+from scalelm.train.host_memory import keep_freed_host_memory, return_freed_host_memory
 from scalelm.train.init_from import prepare_finetune
 from scalelm.train.metrics import MetricsLogger
 from scalelm.train.optim import build_optimizers
@@ -77,9 +77,11 @@ def train(cfg: Config, *, prepare_model: ModelHook | None = None,
     device = resolve_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    # One process only: with several, gloo's threads allocate too, and a heap that never gives memory back
-    # held each FSDP rank at 1.6× its peak of live tensors (gpt2-355m, bench/memory.py).
-    if device.type == "cpu" and cfg.cpu.keep_host_memory and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    # One process keeps freed memory for speed; ranks that shard the model hand it back, for memory: a heap that
+    # never gives memory back held each FSDP rank at 1.6× its peak of live tensors (gpt2-355m, bench/memory.py).
+    if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return_freed_host_memory()
+    elif device.type == "cpu" and cfg.cpu.keep_host_memory:
         keep_freed_host_memory()
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -237,8 +237,8 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
         prompt = torch.tensor([self.tokenizer.encode("\n")], device=self.device)
         model = unwrap(self.model) if self.parallel is not None and self.parallel.dims.ddp else self.model
-        # Eager even when the blocks are compiled: every sampled token grows the sequence by one, and compiling
-        # for those shapes cost 9 s of a 16 s final evaluation of the demo on a fresh machine (eager: ~2 s).
+        # Eager even when the blocks are compiled: a sample is a prefill and a few hundred one-token forwards with
+        # the KV cache, shapes the training graphs do not cover; compiling them costs more than they take.
         with self.precision.autocast(self.device), torch.compiler.set_stance("force_eager"):
             out = sample(model, prompt, n_tokens, generator=gen, vocab_limit=self.tokenizer.vocab_size)
         if self.parallel is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import TINY, losses, run_multiprocess
 
 from scalelm.cli import main
-from scalelm.data import BatchLoader, default_dataset, open_split
+from scalelm.data import BatchLoader, CharTokenizer, default_dataset, open_split
 
 FT = [*TINY[2:], "--cpu.kernels", "false", "--train.eval_batches", "1", "--train.steps", "20",
       "--train.log_every", "1", "--optim.lr", "3e-3"]
@@ -66,3 +66,11 @@ def test_a_model_that_does_not_fit_the_weights_is_one_line(tmp_path, corpus_toke
     assert main(["train", "--out", str(tmp_path / "run"), *FT, "--init-from", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_dataset_with_another_tokenizer_is_one_line(tmp_path, corpus_tokenizer, make_checkpoint, capsys):
+    shifted = CharTokenizer(sorted([*corpus_tokenizer.chars, "\x01"]))  # every id one higher than the dataset's
+    make_checkpoint(tmp_path / "ck", "llama", shifted)
+    assert main(["train", "--out", str(tmp_path / "run"), *FT, "--init-from", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "encodes text with another tokenizer than the dataset" in err

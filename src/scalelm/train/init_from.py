@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from scalelm.config import Config, ConfigError
+from scalelm.data import default_dataset, load_tokenizer, open_split
 from scalelm.model.config import ModelConfig
 from scalelm.model.hf_layout import FormatError, from_hf_state, model_config_from_hf
 from scalelm.train.checkpoint import CheckpointError, load_model, resolve_checkpoint, unique_state
@@ -101,10 +102,43 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
             own[name].copy_(tensor)
 
 
+def source_ids(path: str | Path, text: str) -> list[int] | None:
+    """`text` encoded by the tokenizer saved with the source at `path` (None where it has none)."""
+    p = Path(path)
+    if is_hf_dir(p):
+        if not (p / "tokenizer.json").is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(p / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    checkpoint = resolve_checkpoint(p)
+    for candidate in (checkpoint / "tokenizer", checkpoint.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return load_tokenizer(candidate).encode(text)
+    return None
+
+
+def check_same_tokenizer(path: str | Path, data_dir: Path) -> None:
+    """Refuse a dataset whose tokenizer gives other ids than the source model's on the dataset's own text: the
+    weights would read every token as another one."""
+    tokenizer = load_tokenizer(data_dir)
+    val = open_split(data_dir, "val")
+    text = tokenizer.decode(val[:2000].tolist())
+    expected = tokenizer.encode(text)
+    try:
+        ids = source_ids(path, text)
+    except ValueError:  # a character the source's vocabulary lacks
+        ids = []
+    if ids is not None and ids != expected:
+        raise ConfigError(f"--init-from {path} encodes text with another tokenizer than the dataset {data_dir}; "
+                          f"train on data prepared with the model's tokenizer")
+
+
 def prepare_finetune(model: nn.Module, cfg: Config) -> None:
-    """The fine-tuning steps a run's config asks for, on the built plain model: weights from cfg.init_from,
-    then LoRA adapters (cfg.lora) with the base frozen."""
+    """The fine-tuning steps a run's config asks for, on the built plain model: weights from cfg.init_from
+    (checked against the dataset's tokenizer), then LoRA adapters (cfg.lora) with the base frozen."""
     if cfg.init_from:
+        check_same_tokenizer(cfg.init_from, Path(cfg.data.path) if cfg.data.path else default_dataset())
         load_init_weights(model, cfg.init_from)
     if cfg.lora.rank:
         if not cfg.init_from:

@@ -82,8 +82,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """`nn.Linear` with int4 group-wise weights, held packed (half a byte each) with fp16 scales and zeros, and
     dequantized to the activations' dtype for each call. PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`)
-    is not used: on AVX2-only CPUs it runs slower than dequantize + matmul at every batch size, prefill included
-    (bench/compress.py measures both), and it needs fp32 scales, which would grow the weights in memory."""
+    is not used: on AVX2-only CPUs it is several times slower than dequantize + matmul for prefill and evaluation
+    batches (bench/compress.py times both), and it wants fp32 scales and zeros, which would grow the weights in
+    memory."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -117,7 +118,8 @@ class Int8Embedding(nn.Module):
 
 class Int8TiedHead(nn.Module):
     """The output head that shares an `Int8Embedding`'s table (tied embeddings): logits = x · (q · scale)ᵀ, the
-    table dequantized for each call (PyTorch's `_weight_int8pack_mm` is slower than that on AVX2-only CPUs)."""
+    table dequantized for each call (PyTorch's `_weight_int8pack_mm` is slower than that for prefill and
+    evaluation batches on AVX2-only CPUs)."""
 
     def __init__(self, embedding: Int8Embedding):
         super().__init__()

@@ -23,7 +23,10 @@ quiet machine.
    fp32: without the KV cache (every step recomputes the whole sequence), with it, and with it and the decode step
    `torch.compile`d (`Generator(compile=True)`; the prefill stays eager). The compile time is excluded from
    tokens/s and printed: the warm-up's decode time minus its steps at the timed median (Inductor's on-disk caches
-   make it seconds on a machine that compiled this graph before, tens of seconds the first time). Where prompt +
+   make it seconds on a machine that compiled this graph before, tens of seconds the first time). The cached rows
+   decode with the engine's default threads (`auto_decode_threads`: one intra-op thread for a model this small);
+   one more row, "KV cache, eager, N threads", decodes with all of the process's threads, and `--threads 1` runs
+   every row (the no-cache one too) on one thread: the speed-up at equal threads. Where prompt +
    new tokens do not fit the preset's context (shakespeare-char's is 256), the context is stretched to fit: a
    longer RoPE table only, the same weights and the same work per token. Issue target: the cache ≥ 5× faster.
 
@@ -180,15 +183,21 @@ def cache_table(args) -> None:
     print(f"\n1. {args.preset} ({model.num_params() / 1e6:.2f}M parameters, random weights), fp32, batch 1, "
           f"prompt {prompt!r} ({len(prompt)} tokens), {new} new tokens, greedy"
           + (f"; context stretched to {cfg.max_seq_len} to fit them" if stretched else ""))
-    print(f"{'mode':22} {'prefill ms':>10} {'ms/token':>9} {'tokens/s':>9} {'× no cache':>10} {'compile s':>9}")
     rows: dict[str, dict] = {}
-    modes = [("no cache", False, False), ("KV cache, eager", True, False), ("KV cache, compiled", True, True)]
-    for name, use_cache, compiled in modes:
+    threads = torch.get_num_threads()
+    modes = [("no cache", False, False, None), ("KV cache, eager", True, False, None),
+             ("KV cache, compiled", True, True, None)]
+    if threads > 1:
+        modes.insert(2, (f"KV cache, eager, {threads} thr", True, False, threads))
+    print(f"decode threads of the cached rows: {Generator(model, tokenizer).decode_threads or threads} "
+          f"(the engine's default for this model); the no-cache row and prefills: {threads}")
+    print(f"{'mode':22} {'prefill ms':>10} {'ms/token':>9} {'tokens/s':>9} {'× no cache':>10} {'compile s':>9}")
+    for name, use_cache, compiled, decode_threads in modes:
         if compiled and args.compile == "0":
             continue
         if not compiled and name != "no cache" and args.compile == "1":
             continue
-        gen = Generator(model, tokenizer, compile=compiled)
+        gen = Generator(model, tokenizer, compile=compiled, decode_threads=decode_threads)
         r = rows[name] = measure(gen, [prompt], new, use_cache, args.repeats, compiled)
         base = rows.get("no cache")
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:>9.1f}×" if base else f"{'n/a':>10}"
@@ -306,6 +315,7 @@ def main() -> None:
                         "(scalelm.kernels.cpu's OneDNNLinear; fp32 only), comma-separated")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per row (median), after one warm-up")
     p.add_argument("--bw-mb", type=int, default=512, help="MB of the fp32 tensor the read bandwidth is summed over")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
     p.add_argument("--profile", action="store_true", help="then profile decode steps of the bound preset")
     p.add_argument("--profile-rows", type=int, default=20)
     args = p.parse_args()
@@ -319,6 +329,8 @@ def main() -> None:
     if min(args.new_tokens, args.bound_new_tokens) < 2 or args.repeats < 1:
         p.error("--new-tokens and --bound-new-tokens must be >= 2 (a prefill token, then decode steps), "
                 "--repeats >= 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""
     print(f"CPU {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads{load}; copy bandwidth (read + write bytes) "

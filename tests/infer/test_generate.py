@@ -164,3 +164,19 @@ def test_onednn_linear_layers_generate_the_same_tokens():
     for a, b in zip(plain, swapped.generate(prompts, 30, GREEDY, logprobs=True)):
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
+def test_decode_threads_change_no_token_and_are_restored():
+    """A small CPU model decodes on one intra-op thread by default; any thread count gives the same tokens, and
+    PyTorch's setting is the caller's again between the streamed pieces and after them."""
+    before = torch.get_num_threads()
+    prompts = ["to be or not", "a"]
+    default = Generator(_model("gqa-rope"), TOKENIZER)
+    assert default.decode_threads == 1
+    want = [c.tokens for c in default.generate(prompts, 20, GREEDY)]
+    for threads in (0, 2):
+        gen = Generator(_model("gqa-rope"), TOKENIZER, decode_threads=threads)
+        assert [c.tokens for c in gen.generate(prompts, 20, GREEDY)] == want
+    for _ in default.stream(prompts, 5, GREEDY):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before

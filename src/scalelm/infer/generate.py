@@ -12,6 +12,7 @@ their own settings (`Request`: token budget, sampling, seed, stops, logprobs), a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,35 @@ from torch import nn
 from scalelm.infer.sampling import Sampling, next_tokens
 from scalelm.infer.stops import StopText
 from scalelm.model.gpt import KVCache
+
+# A decode step of a model with fewer weight bytes than this is a chain of tiny operators (a few µs of work each):
+# splitting them over threads costs more in fork/join than it saves, and where a neighbour process holds a core,
+# every parallel region waits for a descheduled thread. Larger models stream their weights, where threads add
+# memory bandwidth.
+SMALL_DECODE_BYTES = 64 * 2**20
+
+
+def auto_decode_threads(model: nn.Module) -> int:
+    """Intra-op threads for `model`'s one-token decode steps: 1 for a small model on the CPU, else 0 (PyTorch's
+    own setting)."""
+    params = list(model.parameters())
+    if not params or params[0].device.type != "cpu":
+        return 0
+    return 1 if sum(p.numel() * p.element_size() for p in params) < SMALL_DECODE_BYTES else 0
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op threads (0: leave PyTorch's setting), restored after it."""
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class GenerationError(ValueError):
@@ -73,9 +103,12 @@ class Generator:
     batch size and cache length); the prefill stays eager. cpu_matmul ("onednn" | "blas" | None = leave the
     model as it is): on an fp32 CPU model, the linear layers' GEMM backend, swapped in by `apply_cpu_kernels` as
     the trainer does; a one-row decode GEMM is memory-bound, and oneDNN spreads it over the cores where MKL may
-    not (docs/benchmarks.md#generation)."""
+    not (docs/benchmarks.md#generation). decode_threads: intra-op threads of the cached decode steps (the
+    prefill and the no-cache path keep PyTorch's setting); None = `auto_decode_threads` (1 for a small CPU
+    model), 0 = PyTorch's setting, n = n threads."""
 
-    def __init__(self, model: nn.Module, tokenizer, compile: bool = False, cpu_matmul: str | None = None):
+    def __init__(self, model: nn.Module, tokenizer, compile: bool = False, cpu_matmul: str | None = None,
+                 decode_threads: int | None = None):
         if cpu_matmul is not None:
             from scalelm.kernels.cpu import apply_cpu_kernels
 
@@ -87,6 +120,7 @@ class Generator:
         self.device = getattr(model, "device", None) or next(model.parameters()).device
         self.vocab_limit = tokenizer.vocab_size  # rows past it pad the embedding table: never sampled
         self._decode_model = torch.compile(model, dynamic=False) if compile else model
+        self.decode_threads = auto_decode_threads(model) if decode_threads is None else decode_threads
 
     # ---- the public API -----------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, sampling: Sampling | None = None,
@@ -221,14 +255,14 @@ class Generator:
         pad = torch.tensor([longest - len(i) for i in ids], device=self.device)
         tokens = torch.tensor([[0] * (longest - len(i)) + i for i in ids], device=self.device)  # left padding
         cache = _BoundedCache(self.cfg.n_layer, longest + new, pad, self.cfg.max_seq_len - 1)
-        model = self.model
+        model, threads = self.model, 0  # the prefill with PyTorch's threads, then the decode steps'
         while True:
-            with torch.inference_mode():
+            with torch.inference_mode(), intra_op_threads(threads):
                 cache.prepare(tokens.shape[1])
                 logits = model(tokens, cache=cache)[:, -1]
                 cache.advance()
             chosen = yield logits
-            tokens, model = chosen[:, None], self._decode_model
+            tokens, model, threads = chosen[:, None], self._decode_model, self.decode_threads
 
     def _recomputed_logits(self, ids: list[list[int]]):
         """The same without a cache: each row's whole sequence through the model for every token."""

@@ -64,15 +64,20 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
         self.slots = self.positions = self.mask = None
+        # What every forward slices from, built once: slot numbers, each row's positions, its non-padding slots.
+        self._slots = torch.arange(max_len, device=pad.device)
+        self._positions = (self._slots[None, :] - pad[:, None]).clamp(min=0)  # [B, max_len]
+        self._real = (self._slots[None, :] >= pad[:, None])[:, None]  # [B, 1, max_len]
 
     def prepare(self, n_new: int) -> None:
         if self.length + n_new > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} positions; {self.length} + {n_new} do not fit")
-        self.slots = torch.arange(self.length, self.length + n_new, device=self.pad.device)
-        self.positions = (self.slots[None, :] - self.pad[:, None]).clamp(min=0)  # [B, T]
-        keys = torch.arange(self.max_len, device=self.pad.device)[None, None, :]
-        visible = (keys <= self.slots[None, :, None]) & (keys >= self.pad[:, None, None])  # causal, no padding
-        self.mask = (visible | (keys == self.slots[None, :, None]))[:, None]  # a pad slot sees itself: no NaN
+        end = self.length + n_new
+        self.slots = self._slots[self.length:end]
+        self.positions = self._positions[:, self.length:end]  # [B, T]
+        own = self._slots[None, :] == self.slots[:, None]  # [T, max_len]: a pad slot sees itself, so no NaN
+        causal = self._slots[None, :] <= self.slots[:, None]
+        self.mask = ((causal & self._real) | own)[:, None]  # [B, 1, T, max_len]: causal, no padding
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's k, v [B, kv_heads, T, hd] of `layer`; return its whole buffers."""

@@ -355,7 +355,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     for module, name in (("scalelm.data.errors", "DataError"), ("scalelm.train.checkpoint", "CheckpointError"),
                          ("scalelm.infer.generate", "GenerationError"),
                          ("scalelm.compress.quantize", "QuantizeError"), ("scalelm.compress.prune", "PruneError"),
-                         ("scalelm.compress.distill", "DistillError"), ("scalelm.model.hf_layout", "FormatError")):
+                         ("scalelm.compress.distill", "DistillError"), ("scalelm.model.hf_layout", "FormatError"),
+                         ("scalelm.train.guard", "NonFiniteError"), ("scalelm.parallel.watchdog", "CollectiveTimeout")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -76,7 +77,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             number = float(str(value).replace("_", ""))
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not an integer; write e.g. {key}=100") from None
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise ConfigError(f"{key}={value!r} is not an integer")
         return int(number)
     if hint is float:
@@ -209,7 +210,8 @@ def validate(cfg: Config) -> None:
     for key, value in (("train.micro_batch", t.micro_batch), ("train.eval_every", t.eval_every),
                        ("train.sample_tokens", t.sample_tokens), ("checkpoint.every", cfg.checkpoint.every),
                        ("optim.warmup_steps", o.warmup_steps), ("train.threads", t.threads),
-                       ("train.time_budget_min", t.time_budget_min)):
+                       ("train.time_budget_min", t.time_budget_min),
+                       ("train.max_nonfinite_steps", t.max_nonfinite_steps)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     if t.seq_len > cfg.model.max_seq_len:
@@ -232,6 +234,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
+    if not cfg.parallel.timeout_s > 0 or cfg.parallel.timeout_s == float("inf"):
+        raise ConfigError(f"parallel.timeout_s={cfg.parallel.timeout_s} must be a positive number of seconds")
     if cfg.lora.rank < 0 or (cfg.lora.rank and cfg.lora.alpha <= 0):
         raise ConfigError(f"lora.rank={cfg.lora.rank} must be >= 0 and lora.alpha={cfg.lora.alpha} > 0")
     if cfg.lora.rank and not cfg.init_from:

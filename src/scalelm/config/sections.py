@@ -21,6 +21,9 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str | None = None
     """Prepared dataset directory (from `scalelm prepare`); None = the bundled Shakespeare, character level."""
+    verify: bool = False
+    """Check every shard's sha256 against meta.json before training (reads the whole dataset once); shard sizes
+    are always checked."""
 
 
 @dataclass
@@ -84,6 +87,10 @@ class TrainConfig:
     """Tokens generated after each evaluation; 0 = none."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 = leave torch's default."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (parameters, optimizer state and schedule
+    unchanged, the batch consumed) and logged, up to this many in a row; one more stops the run, its last
+    checkpoint intact. 0 = stop at the first. (With fp16's loss scaler, the scaler skips such steps instead.)"""
 
 
 @dataclass
@@ -111,7 +118,10 @@ class CheckpointConfig:
     keep: int = 2
     """How many step checkpoints to keep (the newest)."""
     resume: bool = True
-    """Continue from the newest checkpoint in the run directory if there is one."""
+    """Continue from the newest checkpoint in the run directory if there is one (the newest undamaged one: each
+    checkpoint's manifest is checked first)."""
+    verify: bool = True
+    """Check every file's sha256 against the checkpoint's manifest before loading it; false = sizes only."""
 
 
 @dataclass
@@ -165,6 +175,14 @@ class ParallelConfig:
     """selective activation checkpointing: checkpoint blocks 0, k, 2k, ..."""
     cpu_offload: bool = False
     """zero >= 2 on CUDA: keep sharded parameters, gradients and optimizer states in CPU memory (FSDP2 offload)."""
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """zero >= 2: dtype FSDP2 all-gathers parameters in and the blocks compute with (MixedPrecisionPolicy); the
+    sharded fp32 weights stay the optimizer's. auto = bf16 when train.dtype is bf16, else fp32."""
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """zero >= 2: dtype FSDP2 reduces (reduce-scatter / all-reduce) gradients in."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other ranks before the run stops with an error naming the rank that
+    stopped answering (a crashed or hung peer, or ranks that disagree on the layout)."""
     grad_compression: Literal["none", "bf16", "powersgd"] = "none"
     """zero = 0 only: DDP communication hook that compresses gradients before the all-reduce."""
     powersgd_rank: int = 4
@@ -175,11 +193,6 @@ class ParallelConfig:
 
 @dataclass
 class LoraConfig:
-    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """zero >= 2: dtype FSDP2 all-gathers parameters in and the blocks compute with (MixedPrecisionPolicy); the
-    sharded fp32 weights stay the optimizer's. auto = bf16 when train.dtype is bf16, else fp32."""
-    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
-    """zero >= 2: dtype FSDP2 reduces (reduce-scatter / all-reduce) gradients in."""
     """Low-rank adapters on the blocks' linear layers (needs init_from); the base weights stay frozen and the run's
     checkpoints hold the adapters alone (`scalelm merge` folds them into a plain model)."""
 

@@ -182,7 +182,12 @@ def load_dataset_meta(path: str | Path) -> dict:
         raise DataError(
             f"{path} is not a prepared dataset (no {META_FILE}); run `scalelm prepare SOURCES --out {path}` first"
         )
-    meta = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{file} is not valid JSON ({e}); re-run `scalelm prepare`") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
+        raise DataError(f"{file} does not describe a prepared dataset (no splits); re-run `scalelm prepare`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{file} has format_version {meta.get('format_version')!r}, this scalelm reads {FORMAT_VERSION}; "
@@ -191,17 +196,42 @@ def load_dataset_meta(path: str | Path) -> dict:
     return meta
 
 
-def open_split(path: str | Path, split: str) -> np.memmap:
-    """The token ids of one split, memory-mapped read-only (pages load on demand, shared between processes)."""
+def open_split(path: str | Path, split: str, verify: bool = False) -> np.ndarray:
+    """The token ids of one split, memory-mapped read-only (pages load on demand, shared between processes).
+    The shard's size is checked against meta.json; with `verify`, its sha256 too (one full read)."""
     meta = load_dataset_meta(path)
     if split not in meta["splits"]:
         raise DataError(f"split {split!r} is not in {path}; use one of {', '.join(meta['splits'])}")
     info = meta["splits"][split]
-    file = Path(path) / info["file"]
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    expected = info["tokens"] * dtype.itemsize
-    if not file.is_file() or file.stat().st_size != expected:
-        raise DataError(
-            f"{file} is missing or not {expected} bytes as meta.json says; re-run `scalelm prepare`"
-        )
-    return np.memmap(file, dtype=dtype, mode="r", shape=(info["tokens"],))
+    try:
+        name, tokens, dtype = str(info["file"]), int(info["tokens"]), np.dtype(meta["dtype"]).newbyteorder("<")
+        vocab = int(meta.get("vocab_size", 0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{Path(path) / META_FILE} has a broken entry for split {split!r} ({e}); re-run "
+                        f"`scalelm prepare`") from None
+    if dtype.kind != "u" or vocab > np.iinfo(dtype).max + 1:
+        raise DataError(f"{Path(path) / META_FILE}: a vocabulary of {vocab} tokens does not fit the "
+                        f"shard dtype {dtype.name}; re-run `scalelm prepare` (it picks uint32 for large vocabularies)")
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise DataError(f"{Path(path) / META_FILE} names the shard {name!r} outside the dataset directory; refusing")
+    file = Path(path) / name
+    expected = tokens * dtype.itemsize
+    if not file.is_file():
+        raise DataError(f"{file} is missing; re-run `scalelm prepare`")
+    if file.stat().st_size != expected:
+        raise DataError(f"{file} has {file.stat().st_size} bytes, meta.json says {expected} ({tokens} tokens of "
+                        f"{dtype.name}): truncated or replaced; re-run `scalelm prepare`")
+    if verify and "sha256" in info and _file_sha256(file) != info["sha256"]:
+        raise DataError(f"{file} does not match its sha256 in meta.json: the shard changed after `scalelm prepare`; "
+                        f"re-run it")
+    if tokens == 0:  # mmap cannot map an empty file; the loader says what an empty split needs
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(file, dtype=dtype, mode="r", shape=(tokens,))
+
+
+def _file_sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -63,7 +63,11 @@ def expand_sources(sources: Sequence[str | Path]) -> list[Path]:
 
 def read_documents(path: Path) -> list[tuple[str, str]]:
     """The documents of one file: the whole text, or one per line of a .jsonl file (its "text" field)."""
-    text = decode_text(path.read_bytes(), str(path))
+    raw = path.read_bytes()
+    if b"\0" in raw[:1 << 16]:  # text never holds NUL bytes; images, archives and token shards do
+        raise DataError(f"{path} looks like a binary file (it holds NUL bytes), not text; give text, Markdown or "
+                        f"JSONL files")
+    text = decode_text(raw, str(path))
     if path.suffix.lower() != ".jsonl":
         return [(str(path), text)]
     docs = []

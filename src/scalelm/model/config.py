@@ -79,6 +79,9 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be > 0")
+        for name in ("n_kv_head", "head_dim", "d_ff"):  # optional: unset derives them from the others
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be > 0 (or unset)")
         if self.head_dim is None and self.d_model % self.n_head:
             divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
             raise ValueError(

@@ -8,13 +8,15 @@ come from the config, and the learning rate from the schedule at the restored st
 No unpickling on load. DCP's own metadata file (`.metadata`) is a pickle that its FileSystemReader reads with
 `pickle.load`, and non-tensor entries are read with `torch.load(weights_only=False)`. So we write the same
 metadata a second time as JSON (`.metadata.json`) and read only that; tensors are read by DCP with
-`torch.load(weights_only=True)`; a checkpoint holding any non-tensor entry is refused. The pickle is still
+`torch.load(weights_only=True)`; a checkpoint holding any non-tensor entry, or naming a storage file outside its
+own directory, is refused. Every rank fsyncs its files before the save returns. The pickle is still
 written, so other DCP tools (e.g. `torch.distributed.checkpoint.format_utils`) can open our checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -41,7 +43,15 @@ _WRAPPER_SEGMENTS = {"module", "_checkpoint_wrapped_module", "_orig_mod", "_fsdp
 
 
 class UnsafeCheckpointError(ValueError):
-    pass
+    """A checkpoint that would make loading unpickle objects or read outside its directory."""
+
+
+def _storage_file(name: object) -> str:
+    """A storage file named by the metadata: a plain name inside the checkpoint directory, nothing else."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UnsafeCheckpointError(f"checkpoint metadata names the storage file {name!r}, which is not a plain file "
+                                    f"name inside the checkpoint directory; refusing")
+    return name
 
 
 # ---- names -----------------------------------------------------------------------------------------
@@ -126,6 +136,7 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
 
 def _dcp_load(state: dict[str, torch.Tensor], path: Path) -> None:
     """dcp.load in place; without a process group (one process) DCP runs its single-process path."""
+    read_metadata(path)  # refuses unsafe metadata here: inside dcp.load the error would come back wrapped
     distributed = dist.is_available() and dist.is_initialized()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -166,7 +177,8 @@ def metadata_from_json(data: dict) -> Metadata:
                 TensorProperties(dtype=_dtype(e["dtype"])), torch.Size(e["size"]),
                 [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in e["chunks"]])
     storage = {MetadataIndex(s["fqn"], s["offset"], s["index"]):
-               _StorageInfo(s["path"], s["start"], s["length"], s["transforms"]) for s in data["storage"]}
+               _StorageInfo(_storage_file(s["path"]), s["start"], s["length"], s["transforms"])
+               for s in data["storage"]}
     planner = {k: tuple(v) for k, v in data["planner"].items()}
     return Metadata(state_dict_metadata=entries, planner_data=planner, storage_data=storage,
                     storage_meta=StorageMeta(), version=data["version"])
@@ -184,13 +196,16 @@ class JsonMetadataWriter(FileSystemWriter):
     """FileSystemWriter that also writes the metadata as JSON (rank 0, after the pickle)."""
 
     def __init__(self, path: Path):
-        super().__init__(str(path), single_file_per_rank=True, sync_files=False)
+        super().__init__(str(path), single_file_per_rank=True, sync_files=True)
         self._root = Path(path)
 
     def finish(self, metadata: Metadata, results) -> None:
         super().finish(metadata, results)
         tmp = self._root / (JSON_METADATA + ".tmp")
-        tmp.write_text(json.dumps(metadata_to_json(metadata)))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(metadata_to_json(metadata)))
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(self._root / JSON_METADATA)
 
 
@@ -212,4 +227,5 @@ class SafeReader(FileSystemReader):
         return super().read_data(plan, planner)
 
 
-__all__ = ["canonical_name", "checkpoint_state", "is_dcp_checkpoint", "load", "load_model_weights", "save"]
+__all__ = ["UnsafeCheckpointError", "canonical_name", "checkpoint_state", "is_dcp_checkpoint", "load", "load_model_weights",
+           "save"]

@@ -4,8 +4,9 @@ Layout: RUN/checkpoints/step_00000100/{model.safetensors, model.json, optimizer.
 A distributed run writes the weights and optimizer states with DCP instead (`scalelm.parallel.checkpoint`:
 shards per rank, `.metadata.json`, `rng_rank<r>.pt`), which any layout — one process included — can load.
 Nothing here unpickles arbitrary objects: safetensors and JSON cannot, tensor files are read with
-`torch.load(weights_only=True)`, and DCP metadata is read from JSON. A checkpoint is written into a temporary directory and renamed into place, so
-an interrupted save never damages the previous one.
+`torch.load(weights_only=True)`, and DCP metadata is read from JSON. A checkpoint is written into a temporary
+directory, fsynced, sealed with a manifest of sizes and hashes and renamed into place (`scalelm.train.durable`), so
+an interrupted save never damages the previous one, and a damaged checkpoint is skipped for the previous good one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scalelm.model.config import ModelConfig
+from scalelm.train import durable
+from scalelm.train.durable import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointError(ValueError):
-    """A missing or unreadable checkpoint, phrased for people."""
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,6 +71,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def latest_good_checkpoint(run_dir: str | Path, hashes: bool = True,
+                           warn: Callable[[str], None] = print_warning) -> Path | None:
+    """The newest checkpoint that matches its manifest; each damaged newer one is skipped with a one-line warning."""
+    found = checkpoint_dirs(run_dir)
+    for i, path in enumerate(reversed(found)):
+        problem = durable.check(path, hashes)
+        if problem is None:
+            return path
+        older = found[-2 - i] if i + 1 < len(found) else None
+        warn(f"checkpoint {path} is damaged ({problem}); "
+             + (f"trying the previous one, {older.name}" if older else "no older checkpoint is left"))
+    return None
+
+
+def remove_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporaries of saves that were killed (called once when a run starts, by the writing rank)."""
+    return durable.remove_temporaries(Path(run_dir) / CHECKPOINT_DIR)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                     state: dict[str, Any], keep: int) -> Path:
     """Write step `step` atomically and prune all but the newest `keep`."""
@@ -78,15 +103,27 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizers
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(unique_state(model), str(tmp / "model.safetensors"))
-    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
-    (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+    try:
+        tmp.mkdir()
+        save_file(unique_state(model), str(tmp / "model.safetensors"))
+        cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+        (tmp / "model.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+        durable.write_manifest(tmp)
+    except OSError as e:  # a full disk, a quota, a vanished mount: keep what was saved before
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(run_dir, step, e) from None
     _publish(tmp, final, run_dir, keep)
     return final
+
+
+def _save_failed(run_dir: str | Path, step: int, e: OSError) -> CheckpointError:
+    previous = latest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return CheckpointError(f"could not write the checkpoint of step {step} in {Path(run_dir) / CHECKPOINT_DIR} "
+                           f"({e.strerror or e}); {kept}; free space and run the same command to resume")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -98,11 +135,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _publish(tmp: Path, final: Path, run_dir: str | Path, keep: int) -> None:
     """Rename a finished checkpoint into place (replacing one of the same step) and prune all but `keep`."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    durable.publish(tmp, final)
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        durable.discard(old)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -134,6 +169,7 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, parts: list[nn.M
     if rank == 0:
         (tmp / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+        durable.write_manifest(tmp)  # every rank's shards are complete and fsynced (DCP sync_files)
         _publish(tmp, final, run_dir, keep)
     torch.distributed.barrier()
     return final
@@ -147,16 +183,23 @@ def load_distributed_checkpoint(path: Path, parts: list[nn.Module], optimizers: 
     if not dcp_ckpt.is_dcp_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} was written by a single process (safetensors); resume it with one "
                               f"process, or start the distributed run in a fresh --out directory")
+    check_same_model(path, model_cfg)
     try:
         dcp_ckpt.load(path, parts, optimizers, model_cfg.tie_embeddings)
         state = json.loads((path / "state.json").read_text())
+    except dcp_ckpt.UnsafeCheckpointError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} does not fit this run ({e}); was it saved from a different model "
-                              f"or optimizer config?") from None
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({_short(e)}); was it saved from a different "
+                              f"model or optimizer config?") from None
     rank, world = _rank_world()
     rng_file = path / f"rng_rank{rank}_of{world}.pt"
     if rng_file.is_file():
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["cpu"])
+        try:
+            torch.set_rng_state(torch.load(rng_file, weights_only=True)["cpu"])
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"checkpoint {path}: {rng_file.name} holds pickled code or objects, which are never "
+                                  f"loaded; refusing it") from None
     return state
 
 
@@ -167,13 +210,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list[torch.optim.O
 
     if dcp_ckpt.is_dcp_checkpoint(path):
         return load_distributed_checkpoint(path, [model], optimizers, model.cfg)
+    check_same_model(path, model.cfg)
     try:
         load_weights(model, path / "model.safetensors")
         opt_states = torch.load(path / "optimizer.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
         state = json.loads((path / "state.json").read_text())
+    except pickle.UnpicklingError as e:  # weights_only=True met something other than tensors and containers
+        raise CheckpointError(f"checkpoint {path} holds pickled code or objects, which are never loaded; refusing "
+                              f"it ({' '.join(str(e).split())[:120]})") from None
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an older one") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({_short(e)}); delete it to resume from an older "
+                              f"one") from None
     if len(opt_states) != len(optimizers):
         raise CheckpointError(f"checkpoint {path} has {len(opt_states)} optimizer(s), this run has {len(optimizers)}; "
                               f"use the same optim.name to resume")
@@ -183,6 +231,25 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list[torch.optim.O
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def _short(e: BaseException) -> str:
+    """An exception's message on one line, at most 200 characters (torch's can span dozens of lines)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_same_model(path: Path, cfg: ModelConfig) -> None:
+    """Refuse, naming the differences, a checkpoint saved from a model of another shape than this run's."""
+    try:
+        saved = json.loads((path / "model.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable model.json: the weights' own check speaks
+    mine = cfg.to_dict()
+    diff = [f"{k} {saved[k]} there, {mine[k]} here" for k in sorted(mine) if k in saved and saved[k] != mine[k]]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was saved from another model ({'; '.join(diff[:4])}); resume with "
+                              f"the same model settings, or start in a fresh --out directory")
 
 
 def load_weights(model: nn.Module, file: Path) -> None:
@@ -200,18 +267,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (→ its newest checkpoint) or a checkpoint directory."""
     p = Path(path)
     if (p / "model.json").is_file() and ((p / "model.safetensors").is_file() or (p / ".metadata.json").is_file()):
+        durable.verify(p)
         return p
-    latest = latest_checkpoint(p)
+    damaged: list[str] = []
+    latest = latest_good_checkpoint(p, warn=damaged.append)
+    if latest is None and damaged:
+        raise CheckpointError(f"every checkpoint in {str(p)!r} is damaged (the newest: {damaged[0].split('; ')[0]})")
+    for line in damaged:
+        print_warning(line)
     if latest is None:
         raise CheckpointError(f"no checkpoint found in {str(p)!r}; pass a run directory written by `scalelm train` "
                               f"or one of its checkpoints/step_* directories")
     return latest
 
 
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise CheckpointError(f"device {device!r} is not a device name; use cpu or cuda (cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} is not available: no CUDA device is visible; use --device cpu")
+
+
 def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
     """The one loading path: model of a run directory or checkpoint, eval mode, on `device`."""
     from scalelm.model.gpt import GPT
 
+    _check_device(device)
     ckpt = resolve_checkpoint(path)
     cfg = ModelConfig.from_dict(json.loads((ckpt / "model.json").read_text()))
     with torch.device("meta"):
@@ -223,7 +306,10 @@ def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
     from scalelm.parallel import checkpoint as dcp_ckpt
 
     if dcp_ckpt.is_dcp_checkpoint(ckpt):
-        dcp_ckpt.load_model_weights(ckpt, model)
+        try:
+            dcp_ckpt.load_model_weights(ckpt, model)
+        except dcp_ckpt.UnsafeCheckpointError as e:
+            raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
     else:
         load_weights(model, ckpt / "model.safetensors")
     return model.eval()

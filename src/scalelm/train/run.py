@@ -22,8 +22,16 @@ from scalelm.model.gpt import GPT
 from scalelm.parallel import ParallelDims, init_distributed, parallelize, rank0_choice, release_process_groups
 from scalelm.parallel.ac import apply_ac
 from scalelm.parallel.materialize import materialize
+from scalelm.parallel.watchdog import Heartbeat, explain, install_stack_dump, is_peer_failure
 from scalelm.train.adapters import AdapterView, adapter_trainer
-from scalelm.train.checkpoint import latest_checkpoint, load_checkpoint, load_distributed_checkpoint
+from scalelm.train.checkpoint import (
+    CheckpointError,
+    checkpoint_dirs,
+    latest_good_checkpoint,
+    load_checkpoint,
+    load_distributed_checkpoint,
+    remove_temporaries,
+)
 from scalelm.train.device import resolve_device
 from scalelm.train.fits import check_fits
 from scalelm.train.forecast import prepare_forecast
@@ -49,9 +57,14 @@ def build_model(cfg: Config, device: torch.device, seed: int, meta: bool = False
     return model
 
 
+KEPT_EVENTS = ("nonfinite",)
+"""Event lines that belong to a step (kept on resume like metric lines); other events are the run's own."""
+
+
 def _trim_metrics(run_dir: Path, step: int, head: list[dict[str, Any]]) -> None:
     """On resume, drop metric lines written after the checkpoint (they will be written again, identically) and the
-    event lines (this run writes its own end line); `head` (this run's plan line) goes first, as in a fresh log."""
+    run's event lines (this run writes its own end line); `head` (this run's plan line) goes first, as in a fresh
+    log. A line cut by a kill is dropped. Written beside and renamed over the log, so a kill here loses nothing."""
     path = run_dir / "metrics.jsonl"
     kept = [json.dumps(record) for record in head]
     for line in path.read_text().splitlines() if path.is_file() else []:
@@ -59,9 +72,30 @@ def _trim_metrics(run_dir: Path, step: int, head: list[dict[str, Any]]) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("event") is None and record.get("step", 0) <= step:
+        if record.get("event") in (None, *KEPT_EVENTS) and record.get("step", 0) <= step:
             kept.append(line)
-    path.write_text("".join(k + "\n" for k in kept))
+    tmp = path.with_name(".tmp_metrics.jsonl")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+def _resume_point(cfg: Config, run_dir: Path, lead: bool) -> Path | None:
+    """The newest undamaged checkpoint to resume from, as rank 0 finds it (every rank takes its answer); rank 0
+    first deletes what killed saves left behind."""
+    if lead:
+        remove_temporaries(run_dir)
+    if not cfg.checkpoint.resume:
+        return None
+    found, problem = None, None
+    if lead:
+        found = latest_good_checkpoint(run_dir, cfg.checkpoint.verify)
+        if found is None and checkpoint_dirs(run_dir):  # starting over would prune them: nothing is lost unasked
+            problem = (f"every checkpoint in {run_dir / 'checkpoints'} is damaged (see the warnings above); move them "
+                       f"away to start over, or pass --checkpoint.resume false")
+    found, problem = rank0_choice((None if found is None else str(found), problem))
+    if problem is not None:
+        raise CheckpointError(problem)
+    return Path(found) if found is not None else None
 
 
 ModelHook = Callable[[nn.Module, Config], None]
@@ -86,10 +120,18 @@ def train(cfg: Config, *, prepare_model: ModelHook | None = None,
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     owns_group = not dist.is_initialized()  # a caller that set up the process group also tears it down
-    rank, world_size = init_distributed(device)
+    install_stack_dump()
+    rank, world_size = init_distributed(device, cfg.parallel.timeout_s)
+    heartbeat = Heartbeat(rank, world_size, cfg.parallel.timeout_s) if world_size > 1 else None
     try:
         return _train(cfg, device, rank, world_size, prepare_model, trainer_class)
+    except RuntimeError as e:  # a peer that died or stopped: say which, instead of a C++ stack
+        if heartbeat is None or not is_peer_failure(e):
+            raise
+        raise explain(e, rank, cfg.parallel.timeout_s, heartbeat) from None
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         if owns_group and dist.is_initialized():
             release_process_groups()
 
@@ -138,13 +180,11 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
         raise ConfigError(f"the dataset's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}; set --model.vocab_size {64 * -(-tokenizer.vocab_size // 64)}")
 
-    resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    resume_from = _resume_point(cfg, run_dir, lead)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None and (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()  # a fresh run in an old directory starts a fresh log
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
 
     # A distributed run builds on the meta device and materializes only this rank's shards (in parallelize). A
     # `prepare_model` hook may load weights or add modules, so it gets a materialized plain model (every rank
@@ -167,7 +207,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
             for block in model.layers.values():
                 block.compile()
         optimizers = build_optimizers(model, cfg.optim, muon_ns_dtype=muon_ns)
-        loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
+        loader = BatchLoader(open_split(data_dir, "train", cfg.data.verify), cfg.train.seq_len, cfg.train.global_batch,
+                             cfg.seed)
     else:
         # PP split → TP → AC → compile → FSDP on the meta model, then each rank's shards materialized from the
         # run seed (the single-process weights, whatever the layout), DDP; then optimizers over the result.
@@ -178,8 +219,8 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
         zero1 = dims.flat["dp"] if dims.ddp and dims.zero == 1 else None
         optimizers = build_optimizers(parallel.parts, cfg.optim, zero1_mesh=zero1, muon_ns_dtype=muon_ns)
         model = parallel.parts[0] if dims.pp == 1 else None
-        loader = BatchLoader(open_split(data_dir, "train"), cfg.train.seq_len, cfg.train.global_batch, cfg.seed,
-                             dp_rank=parallel.coords["dp"], dp_size=dims.dp)
+        loader = BatchLoader(open_split(data_dir, "train", cfg.data.verify), cfg.train.seq_len, cfg.train.global_batch,
+                             cfg.seed, dp_rank=parallel.coords["dp"], dp_size=dims.dp)
     peak, peak_note = peak_flops(device, precision.name)
     start_step = 0
     state = None
@@ -189,16 +230,20 @@ def _train(cfg: Config, device: torch.device, rank: int, world_size: int, prepar
         else:
             state = load_distributed_checkpoint(resume_from, parallel.parts, optimizers, cfg.model)
         start_step = state["step"]
+        loader.load_state_dict(state["loader"])  # the same data stream? (checked before anything is written)
         if lead:
             _trim_metrics(run_dir, start_step, [forecast.record()])
+    if lead:  # once a resume has succeeded: a refused one leaves the run directory as it was
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        tokenizer.save(run_dir / "tokenizer")  # `scalelm generate RUN_DIR` decodes without the dataset
     logger = MetricsLogger(run_dir, cfg.train.steps, start_step, enabled=lead, progress=cfg.metrics.progress,
                            tensorboard=cfg.metrics.tensorboard)
     if state is None:
         logger.log(forecast.record())  # the first line of a fresh log
     if cfg.lora.rank:  # a LoRA run's checkpoints hold its adapters alone
         trainer_class = adapter_trainer(trainer_class)
-    trainer = trainer_class(cfg, model, optimizers, loader, open_split(data_dir, "val"), tokenizer, run_dir, device,
-                      precision, logger, peak, parallel, forecast.prediction)
+    trainer = trainer_class(cfg, model, optimizers, loader, open_split(data_dir, "val", cfg.data.verify), tokenizer,
+                            run_dir, device, precision, logger, peak, parallel, forecast.prediction)
     if state is not None:
         trainer.load_state_dict(state)
         logger.print(f"resumed from {resume_from} at step {start_step}")

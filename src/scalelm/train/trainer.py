@@ -31,6 +31,7 @@ from scalelm.parallel.fingerprint import sharded_sha256
 from scalelm.parallel.parallelize import Parallel, clip_grad_norm_, rank0_choice, unwrap
 from scalelm.train import budget
 from scalelm.train.checkpoint import save_checkpoint, save_distributed_checkpoint, state_sha256, unique_state
+from scalelm.train.guard import NonFiniteError, injected_batches
 from scalelm.train.metrics import MetricsLogger, now
 from scalelm.train.optim import lr_factor, set_lr
 from scalelm.train.precision import Precision
@@ -96,6 +97,8 @@ class Trainer:
         self.val_batches = eval_batches(val_tokens, t.seq_len, eval_rows(t.global_batch), t.eval_batches)
         self.last_val_loss: float | None = None
         self.budget_steps: int | None = None  # the run's length once train.time_budget_min has fixed it
+        self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0  # skipped steps: in all, and since the last good one
+        self.nan_batches = injected_batches()  # test hook (train/guard.py); empty in real runs
 
     @property
     def total_steps(self) -> int:
@@ -104,13 +107,14 @@ class Trainer:
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.loader.state_dict(), "last_val_loss": self.last_val_loss,
-                "budget_steps": self.budget_steps}
+                "budget_steps": self.budget_steps, "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         self.last_val_loss = state.get("last_val_loss")
         self.budget_steps = state.get("budget_steps")
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
 
     # ---- one optimizer step -------------------------------------------------------------------------
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -140,10 +144,21 @@ class Trainer:
                     scaled = self.precision.scaler.scale(loss) if self.precision.scaler else loss
                     scaled.backward()
                 loss_sum += _plain(loss.detach())
+        if self.loader.step in self.nan_batches:  # test hook: this batch's loss and gradients become NaN
+            loss_sum.fill_(float("nan"))
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
         if self.precision.scaler:
             for opt in self.optimizers:
                 self.precision.scaler.unscale_(opt)
         grad_norm = self.clip_gradients()
+        if self.precision.scaler is None and not self.finite(loss_sum, grad_norm):  # (fp16: the scaler skips)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            self.skip_step(loss_sum, grad_norm)
+            return loss_sum, grad_norm, float("nan")
+        self.nonfinite_in_a_row = 0
         lr = set_lr(self.optimizers, lr_factor(self.cfg.optim, self.step, self.total_steps))
         for opt in self.optimizers:
             if self.precision.scaler:
@@ -155,6 +170,32 @@ class Trainer:
             self.precision.scaler.update()
         self.step += 1
         return loss_sum, grad_norm, lr
+
+    def finite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step's loss and gradient norm are finite on every rank (a sync with the device, and in a
+        distributed run one small all-reduce, so that all ranks skip the same steps)."""
+        bad = (~torch.isfinite(_plain(loss_sum)) | ~torch.isfinite(_plain(grad_norm))).float()
+        if self.parallel is not None:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()
+
+    def skip_step(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Log and count a skipped step: parameters, optimizer states and the schedule (self.step) are unchanged,
+        the batch is consumed. One step more than train.max_nonfinite_steps in a row stops the run."""
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        attempted = self.step + 1
+        self.logger.log({"event": "nonfinite", "step": attempted, "batch": self.loader.step,
+                         "loss": _plain(loss_sum).item(), "grad_norm": _plain(grad_norm).item(),
+                         "skipped_total": self.nonfinite_steps})
+        self.logger.print(f"step {attempted}: non-finite loss or gradient norm; batch {self.loader.step} skipped "
+                          f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_steps} in all)")
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row > limit:
+            raise NonFiniteError(f"{self.nonfinite_in_a_row} steps in a row (from step {attempted}) had a non-finite "
+                                 f"loss or gradient norm, more than train.max_nonfinite_steps={limit}; the last "
+                                 f"checkpoint is intact: lower optim.lr or raise optim.warmup_steps, then run the "
+                                 f"same command to resume")
 
     def pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One schedule runs forward and backward of all pipeline micro-batches; the last stage computes the loss."""
@@ -279,8 +320,11 @@ class Trainer:
             # Distributed: count the bytes handed to collectives during each logged step (a dispatch mode that
             # slows that one step, so it is left out of the throughput below).
             counting = self.parallel is not None and ((self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps)
+            step_before = self.step
             with CommCounter() if counting else contextlib.nullcontext() as comm:
                 loss, grad_norm, lr = self.train_step()
+            if self.step == step_before:  # skipped: a non-finite loss or gradient norm (train_step logged it)
+                continue
             counted_s = now() - step_start if counting else 0.0
             ran += 1
             if ran > 2:  # this process's first two steps compile and warm up

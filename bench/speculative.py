@@ -15,6 +15,7 @@ tokens per target forward are totals over the prompts. Greedy outputs must be id
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,9 @@ def main() -> int:
     texts = prompts(args.prompts)
     plain = Generator(target, tokenizer)
     print(f"target: {params(target)} | draft: {params(draft)} | {len(texts)} prompts of 5-{5 * len(texts)} chars "
-          f"× up to {args.max_new_tokens} new tokens, greedy | {args.device}, {torch.get_num_threads()} threads")
+          f"× up to {args.max_new_tokens} new tokens, greedy | {args.device}, {torch.get_num_threads()} threads "
+          f"(decode steps and rounds of both: {plain.decode_threads or torch.get_num_threads()}) | load average "
+          f"{os.getloadavg()[0]:.1f}")
     header = ("k", "plain tok/s", "spec tok/s", "speed-up", "acceptance", "tokens/target fwd", "identical")
     rows = []
     mismatches = 0

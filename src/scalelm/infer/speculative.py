@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scalelm.infer.generate import Completion, GenerationError, Generator
+from scalelm.infer.generate import Completion, GenerationError, Generator, auto_decode_threads, intra_op_threads
 from scalelm.infer.sampling import Sampling, probabilities, token_logprobs
 from scalelm.infer.stops import StopText
 from scalelm.model.gpt import KVCache
@@ -84,9 +84,11 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
 class SpeculativeDecoder:
     """Generates with `target`, `k` tokens at a time proposed by `draft` (scalelm GPTs, or any modules with their
     `forward(tokens, cache)` and `cfg`) on one device. Both must read the same vocabulary: pass the draft's own
-    tokenizer as `draft_tokenizer` to have that checked."""
+    tokenizer as `draft_tokenizer` to have that checked. decode_threads: intra-op threads of the rounds, as in
+    `Generator` (None = `auto_decode_threads` of the target)."""
 
-    def __init__(self, target: nn.Module, draft: nn.Module, tokenizer, k: int = 4, draft_tokenizer=None):
+    def __init__(self, target: nn.Module, draft: nn.Module, tokenizer, k: int = 4, draft_tokenizer=None,
+                 decode_threads: int | None = None):
         if k < 1:
             raise GenerationError(f"the draft must propose at least 1 token per round, got k={k}")
         if draft_tokenizer is not None and not same_vocabulary(tokenizer, draft_tokenizer):
@@ -106,6 +108,7 @@ class SpeculativeDecoder:
         self.device = device
         self.vocab_limit = tokenizer.vocab_size
         self._encoder = Generator(target, tokenizer)  # the same prompt checks and messages as plain generation
+        self.decode_threads = auto_decode_threads(target) if decode_threads is None else decode_threads
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampling: Sampling | None = None,
                  seed: int | None = None, stop: Sequence[str] = (), eos_id: int | None = None,
@@ -128,7 +131,7 @@ class SpeculativeDecoder:
         tcache = KVCache(tcfg.n_layer, len(ids) + new, pad)
         dcache = KVCache(dcfg.n_layer, min(len(ids) + new, dcfg.max_seq_len), pad)
         seq = list(ids)  # prompt + tokens so far; each cache holds all of it but the last token (or less)
-        with torch.inference_mode():
+        with torch.inference_mode(), intra_op_threads(self.decode_threads):
             while True:
                 left = new - out.produced
                 # The round's last token is never fed to a model: at most `left` tokens, draft positions in range.

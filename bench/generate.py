@@ -14,7 +14,8 @@ excluded; the decode time runs from the first token to the last, `new - 1` one-t
 
 which includes what the engine does around the model each step (sampling, detokenizing, stop-string checks).
 Each row: an untimed warm-up generation (a prefill and two decode steps; a compiled engine's is as long as the
-timed ones, as its graph is specialized to the cache length), then the median of `--repeats` timed ones. The
+timed ones, as its graph is specialized to the cache length), then the median of `--repeats` timed ones (in
+table 1, the rows take turns: each repeat runs every row once). The
 header gives the load average: with as many threads as cores, a parallel region waits for every thread, so one
 busy neighbour process slows the steps several-fold (ten-fold and more for oneDNN and bf16 kernels): time on a
 quiet machine.
@@ -145,11 +146,16 @@ def measure(gen: Generator, prompts: list[str], new: int, use_cache: bool, repea
     warm = new if compiled else min(new, WARM_TOKENS)
     _, warm_decode = timed_generation(gen, prompts, warm, use_cache)
     runs = [timed_generation(gen, prompts, new, use_cache) for _ in range(repeats)]
+    return summarize(runs, len(prompts), new, warm, warm_decode)
+
+
+def summarize(runs: list[tuple[float, float]], batch: int, new: int, warm: int, warm_decode: float) -> dict:
+    """Medians of timed generations (see `measure`) and the compile time their warm-up implies."""
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     step = decode / (new - 1)
     return {"prefill_s": prefill, "decode_s": decode, "step_s": step,
-            "tokens_per_s": len(prompts) * (new - 1) / decode, "compile_s": warm_decode - (warm - 1) * step}
+            "tokens_per_s": batch * (new - 1) / decode, "compile_s": warm_decode - (warm - 1) * step}
 
 
 def read_bandwidth(mb: int) -> float:
@@ -192,13 +198,21 @@ def cache_table(args) -> None:
     print(f"decode threads of the cached rows: {Generator(model, tokenizer).decode_threads or threads} "
           f"(the engine's default for this model); the no-cache row and prefills: {threads}")
     print(f"{'mode':22} {'prefill ms':>10} {'ms/token':>9} {'tokens/s':>9} {'× no cache':>10} {'compile s':>9}")
+    engines, warmups, runs = {}, {}, {}
     for name, use_cache, compiled, decode_threads in modes:
         if compiled and args.compile == "0":
             continue
         if not compiled and name != "no cache" and args.compile == "1":
             continue
-        gen = Generator(model, tokenizer, compile=compiled, decode_threads=decode_threads)
-        r = rows[name] = measure(gen, [prompt], new, use_cache, args.repeats, compiled)
+        gen = engines[name] = Generator(model, tokenizer, compile=compiled, decode_threads=decode_threads)
+        warm = new if compiled else min(new, WARM_TOKENS)
+        warmups[name], runs[name] = (warm, timed_generation(gen, [prompt], warm, use_cache)[1]), []
+    for _ in range(args.repeats):  # the rows in turn, so a change of the shared machine's load hits them alike
+        for name, gen in engines.items():
+            runs[name].append(timed_generation(gen, [prompt], new, name != "no cache"))
+    for name in engines:
+        r = rows[name] = summarize(runs[name], 1, new, *warmups[name])
+        compiled = name == "KV cache, compiled"
         base = rows.get("no cache")
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:>9.1f}×" if base else f"{'n/a':>10}"
         compile_s = f"{r['compile_s']:>9.1f}" if compiled else f"{'':>9}"

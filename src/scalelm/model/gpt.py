@@ -26,15 +26,23 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     return angles.cos(), angles.sin()
 
 
+def widen_rope(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The half tables cos/sin [..., hd/2] as the full-width factors [cos, cos] and [−sin, sin] of `apply_rope`."""
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x [B, heads, T, hd] by the angles of cos/sin [T, hd/2] (the
-    same positions for every row) or [B, 1, T, hd/2] (each row its own, as in a left-padded batch).
+    same positions for every row) or [B, 1, T, hd/2] (each row its own, as in a left-padded batch); or by the
+    full-width factors of `widen_rope` (hd wide), which a generation step builds once for all its layers.
 
     Written as x·[cos, cos] + [x2, x1]·[−sin, sin]: four elementwise passes instead of seven."""
     half = x.shape[-1] // 2
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.shape[-1] != x.shape[-1]:
+        cos, sin = widen_rope(cos, sin, x.dtype)
     rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return x * torch.cat((cos, cos), dim=-1) + rotated * torch.cat((-sin, sin), dim=-1)
+    return x * cos + rotated * sin
 
 
 def sinusoidal_table(max_seq_len: int, d_model: int, device=None) -> torch.Tensor:
@@ -249,9 +257,9 @@ class GPT(nn.Module):
         else:
             h = tokens
         rope = None
-        if self.rope_cos is not None:  # [T, hd/2], or [B, 1, T, hd/2] with a cache
+        if self.rope_cos is not None:  # [T, hd/2], or with a cache [B, 1, T, hd] widened once for every layer
             rope = (self.rope_cos[:seq], self.rope_sin[:seq]) if cache is None else \
-                (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+                widen_rope(self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], h.dtype)
         for name, block in self.layers.items():
             h = block(h, rope, cache=cache, layer=int(name))
         if self.norm is not None:

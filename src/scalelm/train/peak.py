@@ -53,8 +53,9 @@ def measure_cpu_matmul_flops(dtype: torch.dtype = torch.float32, seconds_per_siz
 
     matmul = torch.mm if backend == "blas" else onednn_mm_nt  # (a · bᵀ for onednn: the same FLOPs)
     best = 0.0
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: a run that measures must train as one that read the cache
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
         timer = Timer("matmul(a, b)", globals={"matmul": matmul, "a": a, "b": b}, num_threads=torch.get_num_threads())
         call_s = timer.blocked_autorange(min_run_time=seconds_per_size).median
         best = max(best, 2 * n**3 / call_s)

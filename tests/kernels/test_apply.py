@@ -31,10 +31,11 @@ def test_cpu_kernels_compute_the_plain_models_function(variant):
         torch.testing.assert_close(kernel_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_applies_nothing_to_parameters_off_the_cpu_or_sharded():
-    model = GPT(get_preset("tiny")).to("meta")
-    assert apply_cpu_kernels(model) == []
-    assert type(model.layers["0"].attention).__name__ == "Attention"
+def test_a_model_on_the_meta_device_is_swapped_like_a_cpu_one():
+    """Distributed runs build on meta, swap, then materialize their shards on the CPU."""
+    on_meta, on_cpu = GPT(get_preset("tiny")).to("meta"), GPT(get_preset("tiny"))
+    assert apply_cpu_kernels(on_meta) == apply_cpu_kernels(on_cpu)
+    assert [type(m).__name__ for m in on_meta.modules()] == [type(m).__name__ for m in on_cpu.modules()]
 
 
 def test_applying_twice_is_applying_once():

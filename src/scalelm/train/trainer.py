@@ -172,12 +172,13 @@ class Trainer:
         return loss_sum, grad_norm, lr
 
     def finite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether this step's loss and gradient norm are finite on every rank (a sync with the device, and in a
-        distributed run one small all-reduce, so that all ranks skip the same steps)."""
-        bad = (~torch.isfinite(_plain(loss_sum)) | ~torch.isfinite(_plain(grad_norm))).float()
-        if self.parallel is not None:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bad.item()
+        """Whether this step's gradient norm (and, in one process, loss) is finite: one sync with the device. A
+        distributed run decides on the norm alone, which is global (identical on every rank, and non-finite as soon
+        as any rank's loss is), so all ranks skip the same steps without a collective of their own."""
+        ok = torch.isfinite(_plain(grad_norm))
+        if self.parallel is None:
+            ok &= torch.isfinite(_plain(loss_sum))
+        return bool(ok)
 
     def skip_step(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Log and count a skipped step: parameters, optimizer states and the schedule (self.step) are unchanged,

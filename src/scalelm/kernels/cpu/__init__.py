@@ -12,7 +12,7 @@ a run with kernels and one without:
 Every swapped module checks its operands on each call and takes its parent's forward for anything but what its
 kernel handles (bf16 autocast, dropout, DTensors), so a swapped model computes the same function everywhere.
 The C++ library is built on first use; where it cannot be (no compiler, no ninja) one line is logged and the
-swaps that need it are left out. docs/benchmarks.md#cpu-kernels-vs-plain-pytorch has the gain.
+swaps that need it are left out. docs/benchmarks.md#training-throughput-and-cpu-kernels has the gain.
 """
 
 from __future__ import annotations

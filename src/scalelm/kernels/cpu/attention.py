@@ -6,7 +6,7 @@ far below a core's fp32 peak on a 64-wide head at a few hundred positions. There
 runs BLAS GEMMs over all the keys a block of query rows may see (the causal upper-right blocks skipped), and keeps
 one log-sum-exp per row for the backward, as FlashAttention-2 does. It also rotates q and k (RoPE) while they are
 in cache and reads them where one fused q/k/v projection wrote them: no RoPE pass, no layout copies
-(docs/benchmarks.md#cpu-kernels-vs-plain-pytorch).
+(docs/benchmarks.md#training-throughput-and-cpu-kernels).
 
 `KernelAttention` is the model's `Attention` with that forward: q/k/v as one matmul over the concatenated weights,
 then the kernel; wherever the kernel does not apply (dropout, autocast, long sequences, a DTensor) the fused

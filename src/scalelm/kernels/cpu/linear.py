@@ -1,7 +1,7 @@
 """fp32 linear layers on CPU through oneDNN, where its GEMM is faster than PyTorch's BLAS one.
 
 PyTorch runs a CPU fp32 matmul through its BLAS (MKL on x86 wheels) and offers no switch to oneDNN, which it ships
-as `mkldnn` and which is faster on some CPUs (AMD EPYC among them; docs/benchmarks.md#cpu-kernels). So
+as `mkldnn` and which is faster on some CPUs (AMD EPYC among them; docs/benchmarks.md#training-throughput-and-cpu-kernels). So
 `OneDNNLinear` calls oneDNN's linear kernel directly, registered as a custom op that torch.compile keeps as one
 opaque call. Only the forward and the input gradient go to oneDNN: the weight gradient, a reduction over all the
 tokens, stays on BLAS, which is faster for that shape. `apply_cpu_kernels(model, matmul="onednn")` swaps it in;

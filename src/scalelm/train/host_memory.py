@@ -27,6 +27,18 @@ _M_MMAP_MAX = -4
 _applied = False
 
 
+def _glibc_mallopt():
+    """glibc's mallopt(param, value), or None where the C library is not glibc (macOS, musl)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 def keep_freed_host_memory() -> bool:
     """Make glibc keep freed memory for reuse (no mmap per large tensor, no trim); True if it is in effect.
 
@@ -35,14 +47,9 @@ def keep_freed_host_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # No mmap at all: every block comes from the heap, where a freed one is found again by the next step. glibc still
     # falls back to mmap when the heap cannot grow, so this cannot fail an allocation that would otherwise succeed.
     # Trim only beyond 2 GiB free at the top of the heap (the largest value mallopt takes).
@@ -56,12 +63,7 @@ def return_freed_host_memory(threshold_bytes: int = 1 << 20) -> bool:
     threshold (up to 32 MiB) otherwise serves the many mid-sized tensors of FSDP's gathers and gradient reductions
     from the heap, where freed pieces of different sizes fragment it and the peak grows (bench/memory.py). True if
     it is in effect; False where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))

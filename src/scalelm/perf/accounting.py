@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scalelm.model.config import ModelConfig
+from scalelm.perf.memory import zero_model_state_bytes
 
 MB = 2.0**20
 
@@ -84,11 +85,5 @@ def zero_states(psi: float, stage: int, n_d: int, k: float = 12.0) -> dict[str, 
     """DeepSpeed ZeRO model-state bytes per rank (fp16/bf16 weights and gradients, K bytes of optimizer states)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage {stage}; use 0, 1, 2 or 3")
-    weights, grads, opt = 2.0 * psi, 2.0 * psi, k * psi
-    if stage >= 1:
-        opt /= n_d
-    if stage >= 2:
-        grads /= n_d
-    if stage >= 3:
-        weights /= n_d
-    return {"params": weights, "grads": grads, "optimizer": opt, "total": weights + grads + opt}
+    states = zero_model_state_bytes(psi, stage, n_d, k=k, grad_bytes=2)  # the planner's own formula
+    return {**states, "total": sum(states.values())}

@@ -4,6 +4,7 @@ same per-step losses, each step exactly once in metrics.jsonl, and no temporary 
 
     python bench/chaos.py --trials 20                  # alternates one process and dp2 (torchrun, gloo)
     python bench/chaos.py --trials 4 --modes dp2 --steps 16
+    python bench/chaos.py --trials 4 --modes elastic   # one worker killed; torchrun --max-restarts restarts the group
 
 Prints one row per trial and then `trials N, identical N, corrupt 0`. A kill "in a save" waits for the checkpoint's
 temporary directory to appear; the test hook SCALELM_TEST_SAVE_PAUSE_S holds every save open a moment so it can.
@@ -28,7 +29,8 @@ from pathlib import Path
 from scalelm.train import durable
 from scalelm.train.checkpoint import CHECKPOINT_DIR, checkpoint_dirs
 
-MODES = {"single": [], "dp2": ["--nproc", "2"]}
+MODES = {"single": [], "dp2": ["--nproc", "2"], "elastic": ["--nproc", "2", "--max-restarts", "2"]}
+"""elastic: torchrun restarts the group itself after one worker is killed; the others are relaunched by chaos."""
 TINY = ["--model.preset", "tiny", "--train.dtype", "fp32", "--train.global_batch", "8", "--train.seq_len", "32",
         "--train.sample_tokens", "0", "--metrics.progress", "false", "--optim.warmup_steps", "3", "--optim.name",
         "adamw", "--train.eval_every", "0", "--train.eval_batches", "1", "--train.log_every", "1", "--cpu.matmul",
@@ -61,6 +63,25 @@ def kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def kill_one_worker(proc: subprocess.Popen, rng: random.Random) -> bool:
+    """SIGKILL one training process of a torchrun launch (a child of its agent), as a crashed GPU worker would."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == proc.pid:  # fields[1]: the parent's pid
+            workers.append(int(stat.parent.name))
+    if not workers:
+        return False
+    try:
+        os.kill(rng.choice(workers), signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def in_a_save(out: Path) -> bool:
@@ -136,12 +157,14 @@ def trial(mode: str, out: Path, ref: Path, wall_s: float, kills: list[str], step
             while proc.poll() is None and time.perf_counter() < deadline:
                 if how == "save" and in_a_save(out):
                     break
-                if how == "random" and started_training(out, launched):  # then a moment within the training time
+                if how in ("random", "worker") and started_training(out, launched):  # a moment of its training
                     deadline = min(deadline, time.perf_counter() + rng.uniform(0.0, train_s))
-                    how = "random "
+                    how += " "
                 time.sleep(0.01)
             how = how.strip()
-            if proc.poll() is None:
+            if how == "worker":  # the launch restarts its group and must finish on its own
+                outcome.kills.append("worker" if kill_one_worker(proc, rng) else "worker-missed")
+            elif proc.poll() is None:
                 kill(proc)
                 outcome.kills.append(how + ("" if how == "random" or in_a_save(out) else "-missed"))
                 if on_kill is not None:
@@ -165,6 +188,8 @@ def run(trials: int, modes: list[str], root: Path, steps: int, every: int, seed:
         mode = modes[i % len(modes)]
         # Alternate the first kill between a checkpoint write and a random moment; the rest are random.
         kills = ["save" if (i // len(modes)) % 2 == 0 else "random"] + ["random"] * (kills_per_trial - 1)
+        if mode == "elastic":
+            kills = ["worker"]
         out = root / f"trial-{i:02d}-{mode}"
         shutil.rmtree(out, ignore_errors=True)
         ref, wall_s = refs[mode]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from scalelm.config import ConfigError
-from scalelm.launch import exec_torchrun, is_launched, pop_nproc
+from scalelm.launch import exec_torchrun, is_launched, pop_count, pop_nproc
 from scalelm.train.slurm import slurm_script
 from scalelm.usage import HELP, CliParser, UsageError, is_number, wants_help
 
@@ -75,8 +75,11 @@ def cmd_train(argv: list[str]) -> int:
     if wants_help(argv):
         from scalelm.config import all_keys
 
-        print("usage: scalelm train [--nproc N] [--parallel auto] [--config FILE.toml] [--SECTION.KEY VALUE ...]\n\n"
+        print("usage: scalelm train [--nproc N] [--max-restarts N] [--parallel auto] [--config FILE.toml] "
+              "[--SECTION.KEY VALUE ...]\n\n"
               "--nproc N starts N processes with torchrun (the `parallel` section says how they share the work)\n"
+              "--max-restarts N: when a process dies, torchrun restarts the group up to N times; each restart\n"
+              "  resumes from the last checkpoint (set --checkpoint.every)\n"
               "--parallel auto lets the planner choose that layout for this hardware (= --parallel.auto true;\n"
               "  hardware: --parallel.hardware NAME|FILE, or the GPU's built-in file, or `scalelm calibrate`'s)\n"
               "boolean keys also take --KEY (true) and --no-KEY (false), e.g. --train.compile, --no-metrics.progress\n\n"
@@ -85,8 +88,10 @@ def cmd_train(argv: list[str]) -> int:
     from scalelm.config import build_config, load_toml, parse_overrides, validate_parallel
 
     nproc, argv = pop_nproc(argv)
+    max_restarts, argv = pop_count(argv, "--max-restarts", "a number of restarts (0 or more)")
     argv = _expand_parallel(argv)
-    if nproc is not None and nproc > 1 and not is_launched():
+    if ((nproc or 1) > 1 or max_restarts) and not is_launched():
+        nproc = nproc or 1
         overrides = parse_overrides(argv)
         file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
         cfg = build_config(_source_model(file_values, overrides), overrides)
@@ -103,7 +108,7 @@ def cmd_train(argv: list[str]) -> int:
 
         # A model too large for a rank is refused before N processes start (auto dtype: bf16, the smaller).
         check_fits(cfg, nproc, "bf16" if cfg.train.dtype == "auto" else cfg.train.dtype, resolve_device(cfg.device))
-        exec_torchrun(nproc, "train", argv)
+        exec_torchrun(nproc, "train", argv, max_restarts or 0)
     overrides = parse_overrides(argv)
     file_values = load_toml(overrides.pop("config")) if "config" in overrides else {}
     cfg = build_config(_source_model(file_values, overrides), overrides)

@@ -133,6 +133,20 @@ def test_nproc_execs_torchrun(monkeypatch, tmp_path):
     assert seen["argv"][1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "scalelm"]
 
 
+def test_max_restarts_goes_to_torchrun(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.execv", _fake_execv(seen))
+    args = ["--model.preset", "tiny", "--out", str(tmp_path / "r")]
+    with pytest.raises(Exec):
+        main(["train", "--nproc", "2", "--max-restarts=3", *args])
+    assert seen["argv"] == torchrun_command(2, "train", args, max_restarts=3)
+    assert seen["argv"][4:8] == ["--nproc-per-node", "2", "--max-restarts", "3"]
+    with pytest.raises(Exec):  # one process under torchrun, so that it is restarted too
+        main(["train", "--max-restarts", "1", *args])
+    assert seen["argv"] == torchrun_command(1, "train", args, max_restarts=1)
+
+
 def test_nproc_validates_before_launching(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr("os.execv", _fake_execv({}))

@@ -98,6 +98,8 @@ CASES: list[tuple[str, list[str], str, Callable[[Path], None] | None]] = [
      "model.n_head=4 does not divide model.d_model=30", None),
     # ---- train: layouts that cannot run on this world size or this model (refused before any process starts) --
     ("no processes", ["train", "--nproc", "0"], "--nproc needs a positive number of processes, got '0'", None),
+    ("negative restarts", ["train", "--max-restarts", "-1"],
+     "--max-restarts needs a number of restarts (0 or more), got '-1'", None),
     ("tp above the kv heads", ["train", "--model.preset", "tiny", "--nproc", "2", "--parallel.tp", "4"],
      "parallel.tp=4 does not divide model.n_kv_head=2", None),
     ("pp above the world", ["train", "--model.preset", "tiny", "--nproc", "2", "--parallel.pp", "4"],

@@ -1,6 +1,7 @@
 """Faults across processes: SIGKILL at random and inside a checkpoint write, then the same command again (one
-process and dp2, bench/chaos.py); a killed dp2 run resumed by one process; a peer stopped with SIGSTOP. Few steps
-of the tiny model, the references shared by the tests of this file."""
+process and dp2, bench/chaos.py); a killed dp2 run resumed by one process; a worker killed under torchrun
+--max-restarts; a peer stopped with SIGSTOP. Few steps of the tiny model, the references shared by the tests of
+this file."""
 
 import random
 import shutil
@@ -50,6 +51,15 @@ def test_killed_runs_restarted_with_the_same_command_end_identical(refs, tmp_pat
     ref, got = losses(refs["dp2"][0]), losses(killed)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(ref[s] - got[s]) for s in ref) <= 1e-5
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_identical(refs, tmp_path):
+    """`scalelm train --nproc 2 --max-restarts 2`, one worker SIGKILLed mid-run: torchrun restarts the group, which
+    resumes from the last checkpoint and ends with the uninterrupted dp2 run's weights, each step logged once."""
+    out = tmp_path / "elastic"
+    outcome = chaos.trial("elastic", out, *refs["dp2"], ["worker"], STEPS, EVERY, random.Random(1))
+    assert outcome.kills == ["worker"] and outcome.launches == 1 and outcome.identical, outcome
+    assert "exitcode: -9" in out.with_suffix(".log").read_text()  # the group did lose a worker and restart
 
 
 def _free_port() -> int:

@@ -47,8 +47,30 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> tu
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_store(timeout_s)
+        if store is None:
+            dist.init_process_group(backend, **timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
+                                    **timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _restart_store(timeout_s: float | None) -> dist.Store | None:
+    """The store for a rank of an elastic launch: torchrun's agent store under a prefix of this restart's own.
+
+    torchrun keeps one store server for all restarts of a `--max-restarts` launch and, unlike its other rendezvous
+    paths, hands each restart the bare store: a rank of the new group can then read the address a dead rank of
+    the previous group published and fail to connect ("Gloo connectFullMesh failed ... Connection refused").
+    Keys under `scalelm/attempt_<TORCHELASTIC_RESTART_COUNT>` cannot be stale. None outside such a launch (the
+    default env:// rendezvous is right there)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else dist.constants.default_pg_timeout
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"scalelm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def release_process_groups() -> None:

@@ -41,7 +41,7 @@ def test_plan_errors_are_one_line(argv, needle, capsys):
 
 def test_argparse_errors_exit_2(capsys):
     assert main_plan(["--gpus", "many"]) == 2
-    assert capsys.readouterr().err == "error: argument --gpus: invalid int value: 'many'; see `scalelm plan --help`\n"
+    assert capsys.readouterr().err == "error: argument --gpus: needs a number, got 'many'; see `scalelm plan --help`\n"
 
 
 def test_evaluate_json_and_missing_file(capsys):

@@ -177,7 +177,11 @@ CASES: list[tuple[str, list[str], str, Callable[[Path], None] | None]] = [
     ("mixed cluster without counts", ["plan", "--gpu", "a100-80gb:8", "--gpu", "h100-sxm-80gb"],
      "several --gpu values make a heterogeneous cluster", None),
     # ---- calibrate (refused before anything is measured) ----
+    ("no devices", ["plan", "--gpus", "0"], "argument --gpus: needs a number ≥ 1, got '0'", None),
+    ("no sequences", ["plan", "--global-batch", "0"], "argument --global-batch: needs a number ≥ 1, got '0'", None),
+    ("negative tokens", ["plan", "--tokens", "-5"], "argument --tokens: needs a number ≥ 1, got '-5'", None),
     ("stray argument", ["calibrate", "stray"], "unrecognized arguments: stray", None),
+    ("output is a directory", ["calibrate", "--out", "."], "cannot write the hardware file", None),
     ("value for a switch", ["calibrate", "--no-collectives=1"], "ignored explicit argument '1'", None),
 ]
 

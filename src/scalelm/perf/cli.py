@@ -57,23 +57,38 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _count(minimum: int, kind: type = int):
+    """An argparse type: a number of `kind` that is at least `minimum` (0 GPUs or -5 tokens is a typo, not a plan)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"needs a number, got {text!r}") from None
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"needs a number ≥ {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _plan_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="scalelm plan", description="Predict memory, time, cost and energy of training runs and "
                    "rank the parallel layouts. `scalelm plan evaluate RUNS.csv` compares with published runs.")
     p.add_argument("--model", default="gpt2-124m", help=f"preset: {', '.join(PRESETS)}")
     for name in ("n-layer", "d-model", "n-head", "n-kv-head", "d-ff", "vocab-size"):
-        p.add_argument(f"--{name}", type=int, help="override the preset's shape")
+        p.add_argument(f"--{name}", type=_count(1), help="override the preset's shape")
     p.add_argument("--gpu", action="append", metavar="NAME[:COUNT]",
                    help="accelerator from `scalelm hw list` (default a100-80gb); repeat as NAME:COUNT for a "
                    "heterogeneous cluster (one pipeline, stages split by speed)")
     p.add_argument("--hardware", help="hardware name, TOML file, or `local` (written by `scalelm calibrate`)")
     p.add_argument("--inter-node", help="inter-node fabric key (networks in `scalelm hw list`)")
-    p.add_argument("--gpus", type=int, help="number of devices (default: one node)")
-    p.add_argument("--seq", type=int, help="sequence length (default: the model's max_seq_len)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: one per device)")
+    p.add_argument("--gpus", type=_count(1), help="number of devices (default: one node)")
+    p.add_argument("--seq", type=_count(1), help="sequence length (default: the model's max_seq_len)")
+    p.add_argument("--global-batch", type=_count(1), help="sequences per optimizer step (default: one per device)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp8", "fp32"))
     p.add_argument("--framework", default="scalelm", choices=sorted(NAMES), help="software profile")
-    p.add_argument("--framework-year", type=int, help="release year (Megatron before 2023: no flash attention)")
+    p.add_argument("--framework-year", type=_count(1), help="release year (Megatron before 2023: no flash attention)")
     p.add_argument("--fp8-recipe", choices=FP8_RECIPES, help="fp8 scaling: delayed (Transformer Engine) or current")
     for name, what in (("flash-attention", "fused attention kernel"), ("compile", "torch.compile of the model"),
                        ("tp-overlap", "TP communication overlapped with GEMMs (async TP)"),
@@ -86,11 +101,11 @@ def _plan_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--distributed-optimizer", action="store_true", default=None,
                    help="shard optimizer states over data parallel (ZeRO-1) when --zero is not given")
-    p.add_argument("--tokens", type=float, help="tokens to train (default: 20 per parameter, Chinchilla)")
-    p.add_argument("--top", type=int, default=5, help="layouts to print")
+    p.add_argument("--tokens", type=_count(1, float), help="tokens to train (default: 20 per parameter, Chinchilla)")
+    p.add_argument("--top", type=_count(1), default=5, help="layouts to print")
     p.add_argument("--rank-by", default="throughput", choices=RANK_BY)
     for name in ("tp", "pp", "dp", "cp", "zero", "micro-batch", "vpp"):
-        p.add_argument(f"--{name}", type=int, help="fix this part of the layout")
+        p.add_argument(f"--{name}", type=_count(0 if name == "zero" else 1), help="fix this part of the layout")
     p.add_argument("--recompute", choices=("none", "selective", "full"))
     p.add_argument("--schedule", choices=("1f1b", "interleaved", "gpipe", "zb-h1", "zb-h2"))
     p.add_argument("--sp", dest="sequence_parallel", action="store_true", default=None, help="sequence parallel")
@@ -360,6 +375,20 @@ def main_hw(argv: list[str]) -> int:
     return 0
 
 
+def _unwritable(path: str) -> str:
+    """Why `path` cannot be written as a file ('' if it can): a directory, or a parent that cannot be made or
+    written."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return "it is a directory"
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "" if os.access(parent, os.W_OK) else "its directory is not writable"
+
+
 @_entry_point
 def main_calibrate(argv: list[str]) -> int:
     p = CliParser(prog="scalelm calibrate", description="Measure this machine (matmul by shape, memory bandwidth, "
@@ -368,6 +397,10 @@ def main_calibrate(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (~10 s)")
     p.add_argument("--no-collectives", action="store_true", help="skip the 2-process gloo measurement")
     args = p.parse_args(argv)
+    out = args.out or local_hardware_path()
+    problem = _unwritable(out)
+    if problem:  # before minutes of measuring, not after
+        return _fail(f"cannot write the hardware file {out}: {problem}; pass --out to a writable file path")
     try:
         from scalelm.calibrate import calibrate, write_toml
     except ImportError as exc:  # pragma: no cover - torch missing
@@ -376,7 +409,7 @@ def main_calibrate(argv: list[str]) -> int:
         result = calibrate(quick=args.quick, collectives=not args.no_collectives)
     except ImportError as exc:
         return _fail(f"calibrate needs PyTorch ({exc}); pip install torch")
-    path = write_toml(result, args.out or local_hardware_path())
+    path = write_toml(result, out)
     print(f"wrote {path}")
     print(report.hardware_show(load_hardware(str(path))))
     return 0

@@ -119,11 +119,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizers
     return final
 
 
-def _save_failed(run_dir: str | Path, step: int, e: OSError) -> CheckpointError:
+def _save_failed(run_dir: str | Path, step: int, e: OSError | None) -> CheckpointError:
+    """The one line for a failed save; e is None on the ranks that saw another rank fail."""
     previous = latest_checkpoint(run_dir)
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    why = (e.strerror or str(e)) if e is not None else "another rank failed to write its part"
     return CheckpointError(f"could not write the checkpoint of step {step} in {Path(run_dir) / CHECKPOINT_DIR} "
-                           f"({e.strerror or e}); {kept}; free space and run the same command to resume")
+                           f"({why}); {kept}; free space and run the same command to resume")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -150,28 +152,54 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, parts: list[nn.M
                                 optimizers: list[torch.optim.Optimizer], state: dict[str, Any], keep: int,
                                 model_cfg: ModelConfig) -> Path:
     """Every rank writes its shards into a temporary directory with DCP; rank 0 adds the JSON files and
-    renames it into place once all ranks are done."""
+    renames it into place once all ranks are done. After each phase the ranks agree whether any of them failed
+    (a full disk, a quota), so all of them stop with the same one-line error instead of waiting for the one that
+    failed; the temporary directory goes and the previous checkpoint stays."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from scalelm.parallel import checkpoint as dcp_ckpt
 
     rank, world = _rank_world()
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
-    dcp_ckpt.save(tmp, parts, optimizers, model_cfg.tie_embeddings)
-    # Per-rank RNG (dropout masks): restored only on the same layout, where it means the same thing.
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}_of{world}.pt")
-    torch.distributed.barrier()
-    if rank == 0:
-        (tmp / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-        durable.write_manifest(tmp)  # every rank's shards are complete and fsynced (DCP sync_files)
-        _publish(tmp, final, run_dir, keep)
-    torch.distributed.barrier()
+
+    def phase(write: Callable[[], None]) -> None:
+        error: BaseException | None = None
+        try:
+            write()
+        except (OSError, CheckpointException) as e:  # DCP reports a rank's failed write as CheckpointException
+            error = e
+        failed = torch.tensor([float(error is not None)])
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item():
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, CheckpointException):  # the rank's own OSError, if it was the one that failed
+                error = getattr(error, "failures", {}).get(rank)
+            raise _save_failed(run_dir, step, error if isinstance(error, OSError) else None) from None
+
+    def start() -> None:
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+
+    def shards() -> None:
+        dcp_ckpt.save(tmp, parts, optimizers, model_cfg.tie_embeddings)
+        # Per-rank RNG (dropout masks): restored only on the same layout, where it means the same thing.
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}_of{world}.pt")
+
+    def seal() -> None:
+        if rank == 0:
+            (tmp / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
+            (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+            durable.write_manifest(tmp)  # every rank's shards are complete and fsynced (DCP sync_files)
+            _publish(tmp, final, run_dir, keep)
+
+    phase(start)
+    phase(shards)
+    phase(seal)
     return final
 
 

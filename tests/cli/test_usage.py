@@ -34,7 +34,17 @@ BAD_INPUT = {
     "finetune-classify": [["--init-from", "run"], ["--data", "x.jsonl"], ["--data"],
                           ["--data", "x.jsonl", "--init-from", "run", "--val-fraction", "half"]],
     "classify": [[], ["run"], ["no-such-run", "--text", "x"]],
+    "export onnx": [[], ["run", "--out", "m.onnx", "--bogus"], ["no-such-run", "--out", "m.onnx"]],
+    "serve": [[], ["run", "--bogus"], ["run", "--port", "x"]],
+    "quantize": [[], ["run", "--bits", "8", "--out", "q", "--bogus"], ["run", "--bits", "3", "--out", "q"]],
+    "prune": [[], ["run", "--method", "wanda", "--out", "p", "--bogus"],
+              ["run", "--method", "wanda", "--sparsity", "1.5", "--out", "p"]],
+    "distill": [[], ["--teacher", "t", "--student", "s", "--bogus"], ["--teacher", "no-such-run", "--student", "s"]],
 }
+
+
+def test_every_command_has_bad_input_cases():
+    assert {command.split()[0] for command in BAD_INPUT} == set(COMMANDS)
 
 
 @pytest.mark.parametrize("argv", [command.split() + args for command, cases in BAD_INPUT.items() for args in cases],
@@ -51,7 +61,7 @@ def test_bad_input_is_one_error_line_exit_2(argv, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize("argv, message", [
     (["prepare", "a.txt"], "the following arguments are required: --out; see `scalelm prepare --help`"),
-    (["plan", "--gpus", "many"], "argument --gpus: invalid int value: 'many'; see `scalelm plan --help`"),
+    (["plan", "--gpus", "many"], "argument --gpus: needs a number, got 'many'; see `scalelm plan --help`"),
     (["plan", "evaluate"], "required: file; see `scalelm plan evaluate --help`"),
     (["hw", "show"], "required: name; see `scalelm hw show --help`"),
     (["generate", "run", "--top_k", "5"], "unrecognized arguments: --top_k 5; see `scalelm generate --help`"),

@@ -234,3 +234,51 @@ def test_probabilities_match_next_tokens():
         drawn = next_tokens(logits, sampling, torch.Generator().manual_seed(1))
         counts = torch.bincount(drawn, minlength=10).double()
         assert chi_square(counts, probs.double()) < 40, sampling
+
+
+# ---- fewer drafts where the draft is unsure ------------------------------------------------------------------
+def test_min_confidence_keeps_greedy_output_with_fewer_drafts():
+    target = model("gqa-rope", 0)
+    draft = first_layers(target, 1)
+    refs = reference(target)
+    proposed = {}
+    for min_confidence in (0.0, 0.025, 0.03):  # the untrained draft's probabilities are near 1/72 (0.014)
+        decoder = SpeculativeDecoder(target, draft, TOK, k=4, min_confidence=min_confidence)
+        proposed[min_confidence] = 0
+        for prompt, ref in zip(PROMPTS, refs):
+            got, stats = decoder.generate(prompt, NEW)
+            assert (got.tokens, got.finish_reason) == (ref.tokens, ref.finish_reason), (min_confidence, prompt)
+            check_stats(stats, got, 4)
+            proposed[min_confidence] += stats.proposed
+    assert proposed[0.0] > proposed[0.025] > proposed[0.03] > 0
+    with pytest.raises(GenerationError, match="min_confidence=1"):
+        SpeculativeDecoder(target, draft, TOK, min_confidence=1.0)
+
+
+def test_min_confidence_sampling_keeps_the_target_distribution():
+    """Three tokens, k=2, a threshold that ends some rounds after one draft and not others: 1500 seeded
+    generations against the target's exact joint of the three tokens."""
+    tok = CharTokenizer.from_text("abcd")
+    torch.manual_seed(0)
+    cfg = replace(get_preset("tiny"), n_layer=1, init_std=0.5)
+    target, draft = GPT(cfg).double().eval(), GPT(cfg).double().eval()
+    sampling = Sampling(temperature=0.9, top_k=3)
+    with torch.inference_mode():
+        def dist(model, ids):
+            return probabilities(model(torch.tensor([ids]))[0, -1:, :4].float(), sampling)[0].double()
+        prompt = tok.encode("abca")
+        p = {(a, b): dist(target, prompt + [a, b]) for a in range(4) for b in range(4)}
+        p2 = {a: dist(target, prompt + [a]) for a in range(4)}
+        p1 = dist(target, prompt)
+        joint = torch.stack([p1[a] * p2[a][b] * p[a, b] for a in range(4) for b in range(4)]).flatten()
+        q1 = dist(draft, prompt)
+    threshold = float(q1[q1 > 0].median())  # the first draft's probability is above it for some tokens only
+    decoder = SpeculativeDecoder(target, draft, tok, k=2, min_confidence=threshold)
+    counts, proposed = torch.zeros(64, dtype=torch.float64), set()
+    for seed in range(1500):
+        got, stats = decoder.generate("abca", 3, sampling=sampling, seed=seed)
+        a, b, c = got.tokens
+        counts[(a * 4 + b) * 4 + c] += 1
+        proposed.add(stats.proposed)
+    assert {1, 2} <= proposed  # rounds that stopped after one draft, and full ones
+    assert chi_square(counts, joint) < 60  # at most 26 degrees of freedom (top-k 3): p < 1e-4 beyond 60

@@ -1,9 +1,10 @@
 """Speculative decoding: a small draft model guesses the next k tokens, the target checks them all in one forward.
 
-Each round the draft proposes k tokens one at a time from its own KV cache; the target runs one forward over them
-(after the tokens it has not seen yet) and so has its next-token logits at all k+1 places. Greedy: the longest
-prefix of the proposal that the target would have chosen itself is kept, then the target's own token at the
-first mismatch (or after all k): 1 to k+1 tokens per target forward, and the text the target alone would write.
+Each round the draft proposes k tokens one at a time from its own KV cache (fewer where it is unsure, with
+`min_confidence`); the target runs one forward over them (after the tokens it has not seen yet) and so has its
+next-token logits at all k+1 places. Greedy: the longest prefix of the proposal that the target would have chosen
+itself is kept, then the target's own token at the first mismatch (or after all k): 1 to k+1 tokens per target
+forward, and the text the target alone would write.
 Sampling (temperature > 0) uses the rule of Leviathan et al. 2023 / Chen et al. 2023: keep draft token x with
 probability min(1, p(x)/q(x)), else draw from max(p − q, 0) normalized — the output has exactly the target's
 distribution (after temperature, top-k, top-p). Both caches are rewound past the rejected tokens.
@@ -85,12 +86,16 @@ class SpeculativeDecoder:
     """Generates with `target`, `k` tokens at a time proposed by `draft` (scalelm GPTs, or any modules with their
     `forward(tokens, cache)` and `cfg`) on one device. Both must read the same vocabulary: pass the draft's own
     tokenizer as `draft_tokenizer` to have that checked. decode_threads: intra-op threads of the rounds, as in
-    `Generator` (None = `auto_decode_threads` of the target)."""
+    `Generator` (None = `auto_decode_threads` of the target). min_confidence: a round's proposals end early after
+    a draft token the draft itself gives less probability than this (0 = always k; see `_propose`)."""
 
     def __init__(self, target: nn.Module, draft: nn.Module, tokenizer, k: int = 4, draft_tokenizer=None,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, min_confidence: float = 0.0):
         if k < 1:
             raise GenerationError(f"the draft must propose at least 1 token per round, got k={k}")
+        if not 0.0 <= min_confidence < 1.0:
+            raise GenerationError(f"min_confidence={min_confidence} must be in [0, 1): the draft's probability of "
+                                  "its token below which it stops proposing in a round (0 = always k)")
         if draft_tokenizer is not None and not same_vocabulary(tokenizer, draft_tokenizer):
             raise GenerationError(
                 f"the draft's tokenizer ({getattr(draft_tokenizer, 'name', '?')}, {draft_tokenizer.vocab_size} "
@@ -105,6 +110,7 @@ class SpeculativeDecoder:
         if device != draft_device:
             raise GenerationError(f"the target is on {device} but the draft on {draft_device}; load both on one")
         self.target, self.draft, self.tokenizer, self.k = target.eval(), draft.eval(), tokenizer, k
+        self.min_confidence = min_confidence
         self.device = device
         self.vocab_limit = tokenizer.vocab_size
         self._encoder = Generator(target, tokenizer)  # the same prompt checks and messages as plain generation
@@ -137,6 +143,7 @@ class SpeculativeDecoder:
                 # The round's last token is never fed to a model: at most `left` tokens, draft positions in range.
                 k = max(0, min(self.k, left - 1, dcfg.max_seq_len + 1 - len(seq)))
                 drafts, q = self._propose(seq, dcache, k, sampling, generator, stats)
+                k = drafts.shape[0]  # fewer than asked where the draft lost confidence
                 tokens = torch.cat((torch.tensor(seq[tcache.length:], device=self.device), drafts))
                 logits = self._logits(self.target, tcache, tokens, k + 1)
                 stats.target_forwards += 1
@@ -165,21 +172,28 @@ class SpeculativeDecoder:
         return out.completion(len(ids)), stats
 
     def _propose(self, seq: list[int], cache: KVCache, k: int, sampling: Sampling, generator, stats):
-        """k draft tokens [k] (and, when sampling, the draft's distributions [k, V] they were drawn from); the
-        first forward catches the draft up on the tokens of `seq` its cache lacks (the prompt, the last round's)."""
+        """Up to k draft tokens [n] (and, when sampling, the draft's distributions [n, V] they were drawn from); the
+        first forward catches the draft up on the tokens of `seq` its cache lacks (the prompt, the last round's).
+        With min_confidence, the round's proposals end after a token the draft itself gives less probability than
+        that: the tokens after it would mostly be rejected, and each costs a draft forward. Which drafts are
+        proposed never changes what the target keeps, so greedy output and the sampled distribution stay exact.
+        Without it, nothing is read back to the host here (no device sync per draft token)."""
         drafts, dists = [], []
-        if k:
-            tokens = torch.tensor(seq[cache.length:], device=self.device)
-            for _ in range(k):
-                logits = self._logits(self.draft, cache, tokens, 1)
-                stats.draft_forwards += 1
-                if sampling.greedy:
-                    tokens = logits.argmax(dim=-1)
-                else:
-                    dist = probabilities(logits, sampling)
-                    tokens = torch.multinomial(dist, 1, generator=generator)[0]
-                    dists.append(dist[0])
-                drafts.append(tokens)
+        tokens = torch.tensor(seq[cache.length:], device=self.device)
+        for _ in range(k):
+            logits = self._logits(self.draft, cache, tokens, 1)
+            stats.draft_forwards += 1
+            if sampling.greedy:
+                tokens = logits.argmax(dim=-1)
+                confidence = logits.softmax(dim=-1).amax() if self.min_confidence else None
+            else:
+                dist = probabilities(logits, sampling)
+                tokens = torch.multinomial(dist, 1, generator=generator)[0]
+                dists.append(dist[0])
+                confidence = dist[0, tokens[0]] if self.min_confidence else None
+            drafts.append(tokens)
+            if confidence is not None and float(confidence) < self.min_confidence:
+                break
         drafts = torch.cat(drafts) if drafts else torch.zeros(0, dtype=torch.long, device=self.device)
         return drafts, (torch.stack(dists) if dists else torch.zeros(0, self.vocab_limit, device=self.device))
 
@@ -195,10 +209,11 @@ class SpeculativeDecoder:
 def speculative_generate(target: nn.Module, draft: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                          k: int = 4, stop: Sequence[str] = (), eos_id: int | None = None,
                          sampling: Sampling | None = None, seed: int | None = None, logprobs: bool = False,
-                         draft_tokenizer=None) -> tuple[Completion, SpeculativeStats]:
+                         draft_tokenizer=None, min_confidence: float = 0.0) -> tuple[Completion, SpeculativeStats]:
     """One prompt's completion by `target` with `draft` proposing `k` tokens a round (greedy unless `sampling`
     says otherwise), and its SpeculativeStats. The CLI's entry point; see SpeculativeDecoder."""
-    decoder = SpeculativeDecoder(target, draft, tokenizer, k=k, draft_tokenizer=draft_tokenizer)
+    decoder = SpeculativeDecoder(target, draft, tokenizer, k=k, draft_tokenizer=draft_tokenizer,
+                                 min_confidence=min_confidence)
     return decoder.generate(prompt, max_new_tokens, sampling=sampling, seed=seed, stop=stop, eos_id=eos_id,
                             logprobs=logprobs)
 

@@ -113,7 +113,10 @@ class SpeculativeDecoder:
         self.min_confidence = min_confidence
         self.device = device
         self.vocab_limit = tokenizer.vocab_size
-        self._encoder = Generator(target, tokenizer)  # the same prompt checks and messages as plain generation
+        # The same prompt checks and messages as plain generation; and Generator converts a model for decoding in
+        # place (CPU decode kernels), so the draft gets the same conversions as the target.
+        self._encoder = Generator(target, tokenizer)
+        Generator(draft, tokenizer)
         self.decode_threads = auto_decode_threads(target) if decode_threads is None else decode_threads
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampling: Sampling | None = None,

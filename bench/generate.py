@@ -43,17 +43,20 @@ quiet machine.
    position table, and the token table unless it is the head's weight: gpt2's tied embedding/head counts once, as
    the head reads it whole). KV bytes: keys and values of every layer for `batch` rows at the mean attended
    length, prompt + new/2. (The engine's attention reads the whole cache buffer, prompt + new positions, under
-   its mask; at these lengths the KV bytes are a few % of the weights either way.) `--matmul`: the fp32 rows run
-   with the model's linear layers as the engine runs them (blas: PyTorch's F.linear) and through oneDNN
-   (`apply_cpu_kernels(model, matmul="onednn", kernels=False)`: `OneDNNLinear`, nothing else swapped), the
-   candidate fix for a BLAS whose matrix-vector product does not reach the bandwidth. On a CPU without native bf16
-   matmuls (AVX2 only) bf16 runs through conversion kernels: the batch-1 product may still gain from reading half
-   the bytes, wider ones (batch 8, the prefill) lose; the table reports what it measures.
+   its mask; at these lengths the KV bytes are a few % of the weights either way.) `--matmul`: each variant runs
+   on its own copy of the model: kernel = as the engine runs it by default (`Generator(decode_kernels=True)`:
+   the linear layers' few-row products by `scalelm.kernels.cpu.decode`'s streaming kernel), blas = PyTorch's
+   F.linear (`decode_kernels=False`), onednn = `OneDNNLinear` (fp32 only). "linear GB/s" times one step's linear
+   layers alone, in order, at the row's batch (best of a few passes, the decode's threads): the rate the weights
+   stream at, next to the bandwidth. On a CPU without native bf16 matmuls (AVX2 only) PyTorch's bf16 products run
+   through conversion kernels; the decode kernel widens bf16 weights as it loads them. The table reports what it
+   measures. Rows take turns per repeat, as in table 1.
    Issue target: batch-1 decode ≥ 50% of the bound.
 
    Bandwidth: bytes READ per second by a `torch.sum` over a `--bw-mb` (512 MB) fp32 tensor, far larger than the
-   caches, with this process's threads (median call over a second), measured just before the rows, and again
-   after them to show the machine's drift. A decode step streams the weights once and writes almost nothing, so a
+   caches, the best call over a second, on 1 thread and on the decode's threads (both printed), measured before
+   the rows and again after them; the bound takes the better of the two at the decode's threads, so a busy moment
+   does not lower the bar. A decode step streams the weights once and writes almost nothing, so a
    read-only stream is the rate it could reach. The copy figure printed at the top for reference
    (`scalelm.calibrate.machine.measure_memory_bw`: read + written bytes) measures another traffic: the written
    half, which a decode step hardly has, costs most CPUs an extra read per line.
@@ -73,20 +76,22 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scalelm.calibrate.machine import measure_memory_bw
-from scalelm.calibrate.timing import median_s
 from scalelm.data.tokenizer import CharTokenizer
-from scalelm.infer.generate import Generator
+from scalelm.infer.generate import Generator, auto_decode_threads, intra_op_threads
 from scalelm.infer.sampling import Sampling
 from scalelm.kernels.cpu import apply_cpu_kernels
+from scalelm.kernels.cpu.decode import MAX_ROWS, apply_decode_kernels, gemv
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT, KVCache
 
 GREEDY = Sampling(temperature=0.0)
 WARM_TOKENS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "scalelm::gemv")
 
 
 class IdTokenizer:
@@ -158,11 +163,36 @@ def summarize(runs: list[tuple[float, float]], batch: int, new: int, warm: int, 
             "tokens_per_s": batch * (new - 1) / decode, "compile_s": warm_decode - (warm - 1) * step}
 
 
-def read_bandwidth(mb: int) -> float:
-    """Bytes/s read by a sum over an fp32 tensor of `mb` MB (median call over a second, this process's threads)."""
+def read_bandwidth(mb: int, threads: int = 0) -> float:
+    """Bytes/s read by a sum over an fp32 tensor of `mb` MB with `threads` intra-op threads (0: this process's):
+    the best of the calls over a second, the rate this CPU reaches at all (a decode step reads its weights the
+    same way, once, front to back)."""
     x = torch.ones(mb * 2**20 // 4)
-    t = median_s(lambda: x.sum(), 1.0)
-    return x.numel() * 4 / t
+    with intra_op_threads(threads):
+        x.sum()
+        times, end = [], time.perf_counter() + 1.0
+        while time.perf_counter() < end or len(times) < 5:
+            start = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - start)
+    return x.numel() * 4 / min(times)
+
+
+def linear_bandwidth(model: GPT, batch: int, kernel: bool, repeats: int = 5) -> float:
+    """Bytes/s at which one decode step's linear layers (all of them, in order, `batch` rows each) read their
+    weights, by the decode kernel or F.linear: the best of `repeats` passes."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    dtype = layers[0].weight.dtype
+    inputs = [torch.randn(batch, m.in_features).to(dtype) for m in layers]
+    matmul = gemv if kernel else F.linear
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for m, x in zip(layers, inputs):
+                matmul(x, m.weight, m.bias)
+            times.append(time.perf_counter() - start)
+    return sum(m.weight.numel() * m.weight.element_size() for m in layers) / min(times[1:])
 
 
 def weight_bytes(model: GPT) -> int:
@@ -191,20 +221,23 @@ def cache_table(args) -> None:
           + (f"; context stretched to {cfg.max_seq_len} to fit them" if stretched else ""))
     rows: dict[str, dict] = {}
     threads = torch.get_num_threads()
-    modes = [("no cache", False, False, None), ("KV cache, eager", True, False, None),
-             ("KV cache, compiled", True, True, None)]
+    # (name, use_cache, compiled, decode_threads, decode_kernels); each engine swaps layers of its own model copy
+    modes = [("no cache", False, False, None, True), ("KV cache, eager", True, False, None, True),
+             ("KV cache, eager, F.linear", True, False, None, False), ("KV cache, compiled", True, True, None, True)]
     if threads > 1:
-        modes.insert(2, (f"KV cache, eager, {threads} thr", True, False, threads))
-    print(f"decode threads of the cached rows: {Generator(model, tokenizer).decode_threads or threads} "
-          f"(the engine's default for this model); the no-cache row and prefills: {threads}")
-    print(f"{'mode':22} {'prefill ms':>10} {'ms/token':>9} {'tokens/s':>9} {'× no cache':>10} {'compile s':>9}")
+        modes.insert(2, (f"KV cache, eager, {threads} thr", True, False, threads, True))
+    print(f"decode threads of the cached rows: {Generator(build(args.preset), tokenizer).decode_threads or threads} "
+          f"(the engine's default for this model); the no-cache row and prefills: {threads}; eager rows: the "
+          "engine's decode kernel for the linear layers, except the F.linear row (PyTorch's BLAS)")
+    print(f"{'mode':26} {'prefill ms':>10} {'ms/token':>9} {'tokens/s':>9} {'× no cache':>10} {'compile s':>9}")
     engines, warmups, runs = {}, {}, {}
-    for name, use_cache, compiled, decode_threads in modes:
+    for name, use_cache, compiled, decode_threads, decode_kernels in modes:
         if compiled and args.compile == "0":
             continue
         if not compiled and name != "no cache" and args.compile == "1":
             continue
-        gen = engines[name] = Generator(model, tokenizer, compile=compiled, decode_threads=decode_threads)
+        gen = engines[name] = Generator(build(args.preset, context=len(prompt) + new), tokenizer, compile=compiled,
+                                        decode_threads=decode_threads, decode_kernels=decode_kernels)
         warm = new if compiled else min(new, WARM_TOKENS)
         warmups[name], runs[name] = (warm, timed_generation(gen, [prompt], warm, use_cache)[1]), []
     for _ in range(args.repeats):  # the rows in turn, so a change of the shared machine's load hits them alike
@@ -216,7 +249,7 @@ def cache_table(args) -> None:
         base = rows.get("no cache")
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:>9.1f}×" if base else f"{'n/a':>10}"
         compile_s = f"{r['compile_s']:>9.1f}" if compiled else f"{'':>9}"
-        print(f"{name:22} {r['prefill_s'] * 1e3:>10.1f} {r['step_s'] * 1e3:>9.2f} {r['tokens_per_s']:>9.0f} "
+        print(f"{name:26} {r['prefill_s'] * 1e3:>10.1f} {r['step_s'] * 1e3:>9.2f} {r['tokens_per_s']:>9.0f} "
               f"{speedup} {compile_s}", flush=True)
     gains = [f"{name.split(', ')[1]} {rows[name]['tokens_per_s'] / rows['no cache']['tokens_per_s']:.1f}×"
              for name in ("KV cache, eager", "KV cache, compiled") if name in rows and "no cache" in rows]
@@ -234,36 +267,58 @@ def id_prompts(vocab: int, batch: int, length: int) -> list[str]:
 
 
 def bound_table(args) -> None:
-    prompt_len = args.bound_prompt_tokens
+    prompt_len, new = args.bound_prompt_tokens, args.bound_new_tokens
     batches = [int(b) for b in args.batch.split(",")]
     variants = [(dtype, matmul) for dtype in args.dtype.split(",") for matmul in args.matmul.split(",")
-                if dtype == "fp32" or matmul == "blas"]  # oneDNN's linear takes fp32 only
-    bw = read_bandwidth(args.bw_mb)
-    print(f"\n2. {args.bound_preset} (random weights), prompt {prompt_len} tokens, greedy, eager; read bandwidth "
-          f"{bw / 1e9:.1f} GB/s (measured now); bound = batch × bandwidth / (weight + KV cache bytes at the mean "
-          "attended length, prompt + new/2)")
-    print(f"{'dtype':5} {'matmul':6} {'batch':>5} {'new':>4} {'weights MB':>10} {'KV MB':>6} {'bound tok/s':>11} "
-          f"{'prefill ms':>10} {'ms/step':>8} {'tokens/s':>9} {'% bound':>7}")
-    results = []
-    for dtype, matmul in variants:
-        new = args.bound_new_tokens
+                if dtype == "fp32" or matmul != "onednn"]  # oneDNN's linear takes fp32 only
+    engines = {}
+    for dtype, matmul in variants:  # each variant its own model copy: the engine swaps its layers in place
         model = build(args.bound_preset, dtype)
         if matmul == "onednn":
             apply_cpu_kernels(model, matmul="onednn", kernels=False)  # nn.Linear → OneDNNLinear, nothing else
-        gen = Generator(model, IdTokenizer(model.cfg.vocab_size))
+        engines[dtype, matmul] = Generator(model, IdTokenizer(model.cfg.vocab_size), decode_kernels=matmul == "kernel")
+    threads = {gen.decode_threads or torch.get_num_threads() for gen in engines.values()}
+    bws = {n: read_bandwidth(args.bw_mb, n) for n in sorted(threads | {1, torch.get_num_threads()})}
+    print(f"\n2. {args.bound_preset} (random weights), prompt {prompt_len} tokens, {new} new tokens, greedy, eager; "
+          "best read bandwidth now: " + ", ".join(f"{bw / 1e9:.1f} GB/s on {n} thread{'s' * (n > 1)}"
+                                                  for n, bw in bws.items()))
+    print("bound = batch × bandwidth (the decode's threads) / (weight + KV cache bytes at the mean attended length, "
+          "prompt + new/2); matmul: kernel = the engine's decode kernel (its default), blas = F.linear, onednn = "
+          "OneDNNLinear; linear GB/s = one step's linear layers alone (best pass)")
+    print(f"{'dtype':5} {'matmul':6} {'batch':>5} {'thr':>3} {'weights MB':>10} {'KV MB':>6} {'bound tok/s':>11} "
+          f"{'linear GB/s':>11} {'prefill ms':>10} {'ms/step':>8} {'tokens/s':>9} {'% bound':>7}")
+    runs: dict[tuple, list] = {}
+    warm = {}
+    for key, gen in engines.items():
+        for batch in batches:
+            prompts = id_prompts(gen.cfg.vocab_size, batch, prompt_len)
+            warm[key + (batch,)] = (WARM_TOKENS, timed_generation(gen, prompts, WARM_TOKENS, True)[1])
+            runs[key + (batch,)] = []
+    for _ in range(args.repeats):  # every row once per repeat: a change of the machine's load hits them alike
+        for (dtype, matmul), gen in engines.items():
+            for batch in batches:
+                prompts = id_prompts(gen.cfg.vocab_size, batch, prompt_len)
+                runs[dtype, matmul, batch].append(timed_generation(gen, prompts, new, True))
+    bws_after = {n: read_bandwidth(args.bw_mb, n) for n in bws}
+    best = {n: max(bws[n], bws_after[n]) for n in bws}  # the best rate seen in the run: the bound is not lowered
+    results = []
+    for (dtype, matmul), gen in engines.items():
+        model, n = gen.model, gen.decode_threads or torch.get_num_threads()
         weights = weight_bytes(model)
         for batch in batches:
             kv = kv_bytes(model, batch, prompt_len + new / 2)
-            bound = batch * bw / (weights + kv)
-            r = measure(gen, id_prompts(model.cfg.vocab_size, batch, prompt_len), new, True, args.repeats)
+            bound = batch * best[n] / (weights + kv)
+            with intra_op_threads(gen.decode_threads):
+                linear_bw = linear_bandwidth(model, batch, matmul == "kernel" and batch <= MAX_ROWS)
+            r = summarize(runs[dtype, matmul, batch], batch, new, *warm[dtype, matmul, batch])
             share = r["tokens_per_s"] / bound
             results.append((f"{dtype} {matmul}", batch, share))
-            print(f"{dtype:5} {matmul:6} {batch:>5} {new:>4} {weights / 1e6:>10.1f} {kv / 1e6:>6.1f} {bound:>11.1f} "
-                  f"{r['prefill_s'] * 1e3:>10.0f} {r['step_s'] * 1e3:>8.1f} "
+            print(f"{dtype:5} {matmul:6} {batch:>5} {n:>3} {weights / 1e6:>10.1f} {kv / 1e6:>6.1f} {bound:>11.1f} "
+                  f"{linear_bw / 1e9:>11.1f} {r['prefill_s'] * 1e3:>10.0f} {r['step_s'] * 1e3:>8.1f} "
                   f"{r['tokens_per_s']:>9.1f} {100 * share:>6.1f}%", flush=True)
-        del gen, model
-    print(f"read bandwidth after the rows: {read_bandwidth(args.bw_mb) / 1e9:.1f} GB/s (before: {bw / 1e9:.1f}; "
-          "a gap is the machine's drift during the table)")
+    print("read bandwidth after the rows: " + ", ".join(f"{bws_after[n] / 1e9:.1f} GB/s on {n} (before: "
+                                                         f"{bws[n] / 1e9:.1f})" for n in bws)
+          + "; the bound takes the better of the two")
     for variant, batch, share in results:
         if batch == 1:
             print(f"batch-1 {variant} decode at {100 * share:.0f}% of the bandwidth bound (issue target ≥ 50%)")
@@ -274,6 +329,7 @@ def profile_decode(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     model = build(args.bound_preset)
+    apply_decode_kernels(model)  # the linear layers as the engine runs them
     prompt_len, steps = args.bound_prompt_tokens, 8
     tokens = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     cache = KVCache(model.cfg.n_layer, prompt_len + 3 * steps + 1, torch.zeros(1, dtype=torch.long))
@@ -295,15 +351,16 @@ def profile_decode(args) -> None:
             for _ in range(steps):
                 nxt = step(nxt)
     step_s = statistics.median(times[steps:])
-    bound = read_bandwidth(args.bw_mb) / (weight_bytes(model) + kv_bytes(model, 1, prompt_len + 2 * steps))
+    bw = read_bandwidth(args.bw_mb, auto_decode_threads(model))
+    bound = bw / (weight_bytes(model) + kv_bytes(model, 1, prompt_len + 2 * steps))
     print(f"\nprofile: {args.bound_preset} fp32 batch 1, the forward alone (prepare, forward, advance, argmax): "
           f"{step_s * 1e3:.1f} ms/step = {1 / step_s:.1f} tokens/s = {100 / step_s / bound:.0f}% of the bound; "
           f"{steps} steps profiled (times are per {steps} steps)")
     averages = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in averages)  # µs over the profiled steps
-    matmul = sum(e.self_cpu_time_total for e in averages if e.key in ("aten::addmm", "aten::mm", "aten::bmm"))
+    matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMULS)
     linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
-    print(f"matmuls (aten::addmm, mm): {matmul / steps / 1e3:.1f} ms/step = {100 * matmul / total:.0f}% of the "
+    print(f"matmuls ({', '.join(MATMULS)}): {matmul / steps / 1e3:.1f} ms/step = {100 * matmul / total:.0f}% of the "
           f"operators' time, streaming the linear weights at {linear_bytes * steps / (matmul / 1e6) / 1e9:.1f} GB/s; "
           f"every other operator: {(total - matmul) / steps / 1e3:.1f} ms/step over "
           f"{sum(e.count for e in averages) // steps} operator calls a step (nested calls included)")
@@ -324,9 +381,9 @@ def main() -> None:
     p.add_argument("--bound-new-tokens", type=int, default=32, help="table 2's new tokens")
     p.add_argument("--batch", default="1,8", help="table 2's batch sizes, comma-separated")
     p.add_argument("--dtype", default="fp32,bf16", help="table 2's dtypes, comma-separated: fp32, bf16")
-    p.add_argument("--matmul", default="blas,onednn",
-                   help="table 2's linear layers: blas (PyTorch's, as the engine runs them), onednn "
-                        "(scalelm.kernels.cpu's OneDNNLinear; fp32 only), comma-separated")
+    p.add_argument("--matmul", default="kernel,blas",
+                   help="table 2's linear layers: kernel (the engine's decode kernel, its default), blas "
+                        "(PyTorch's F.linear), onednn (OneDNNLinear; fp32 only), comma-separated")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per row (median), after one warm-up")
     p.add_argument("--bw-mb", type=int, default=512, help="MB of the fp32 tensor the read bandwidth is summed over")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
@@ -338,8 +395,8 @@ def main() -> None:
         p.error(f"--tables: {args.tables!r}: give cache, bound, both or none")
     if any(d not in DTYPES for d in args.dtype.split(",")):
         p.error(f"--dtype: {args.dtype!r}: give fp32, bf16 or both")
-    if any(m not in ("blas", "onednn") for m in args.matmul.split(",")):
-        p.error(f"--matmul: {args.matmul!r}: give blas, onednn or both")
+    if any(m not in ("kernel", "blas", "onednn") for m in args.matmul.split(",")):
+        p.error(f"--matmul: {args.matmul!r}: give kernel, blas, onednn, comma-separated")
     if min(args.new_tokens, args.bound_new_tokens) < 2 or args.repeats < 1:
         p.error("--new-tokens and --bound-new-tokens must be >= 2 (a prefill token, then decode steps), "
                 "--repeats >= 1")

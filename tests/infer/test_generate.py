@@ -9,7 +9,7 @@ import torch
 from scalelm.data.tokenizer import CharTokenizer
 from scalelm.infer import GenerationError, Generator, Sampling
 from scalelm.infer.stops import StopText
-from scalelm.kernels.cpu.linear import onednn_available
+from scalelm.kernels.cpu.linear import OneDNNLinear, onednn_available
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT, KVCache
 
@@ -160,7 +160,7 @@ def test_onednn_linear_layers_generate_the_same_tokens():
     prompts = ["to be or not", "a"]
     plain = Generator(_model("mha-learned"), TOKENIZER).generate(prompts, 30, GREEDY, logprobs=True)
     swapped = Generator(_model("mha-learned"), TOKENIZER, cpu_matmul="onednn")
-    assert type(swapped.model.output).__name__ == "OneDNNLinear"
+    assert isinstance(swapped.model.output, OneDNNLinear)
     for a, b in zip(plain, swapped.generate(prompts, 30, GREEDY, logprobs=True)):
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
@@ -180,3 +180,15 @@ def test_decode_threads_change_no_token_and_are_restored():
     for _ in default.stream(prompts, 5, GREEDY):
         assert torch.get_num_threads() == before
     assert torch.get_num_threads() == before
+
+
+def test_decode_kernels_generate_the_tokens_of_pytorchs_linear_layers():
+    """The engine's few-row linear kernel (a CPU model's default) changes how decode steps multiply, not what."""
+    prompts = ["to be or not", "a"]
+    plain = Generator(_model("mha-learned"), TOKENIZER, decode_kernels=False)
+    assert type(plain.model.output) is torch.nn.Linear
+    default = Generator(_model("mha-learned"), TOKENIZER)
+    for a, b in zip(plain.generate(prompts, 30, GREEDY, logprobs=True),
+                    default.generate(prompts, 30, GREEDY, logprobs=True)):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)

@@ -105,14 +105,20 @@ class Generator:
     the trainer does; a one-row decode GEMM is memory-bound, and oneDNN spreads it over the cores where MKL may
     not (docs/benchmarks.md#generation). decode_threads: intra-op threads of the cached decode steps (the
     prefill and the no-cache path keep PyTorch's setting); None = `auto_decode_threads` (1 for a small CPU
-    model), 0 = PyTorch's setting, n = n threads."""
+    model), 0 = PyTorch's setting, n = n threads. decode_kernels: on a CPU model, the linear layers' few-row
+    products (the decode steps) by scalelm's streaming kernel (`apply_decode_kernels`; where it cannot be built,
+    PyTorch's own)."""
 
     def __init__(self, model: nn.Module, tokenizer, compile: bool = False, cpu_matmul: str | None = None,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, decode_kernels: bool = True):
         if cpu_matmul is not None:
             from scalelm.kernels.cpu import apply_cpu_kernels
 
             apply_cpu_kernels(model, matmul=cpu_matmul, kernels=False)  # skips GPU and tensor-parallel models
+        if decode_kernels:
+            from scalelm.kernels.cpu.decode import apply_decode_kernels
+
+            apply_decode_kernels(model)  # skips GPU and tensor-parallel models
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg

@@ -1,9 +1,10 @@
 """scalelm's C++ CPU kernels (`csrc/`), built once per machine on first use.
 
-One library holds them all: the fp32 attention kernel (`attention`) and RMSNorm's weight gradient (`norm`). It is
-built by torch.utils.cpp_extension with ninja (the `scalelm[cpu]` extra) and the machine's C++ compiler for this
-CPU (`-march=native`), keyed by the sources, the torch version and the CPU, a few seconds once. Where it cannot be
-built (no ninja, no compiler), `available()` is False, one line is logged, and PyTorch's own operators run.
+One library holds them all: the fp32 attention kernel (`attention`), RMSNorm's weight gradient (`norm`) and the
+few-row matrix-vector product of decode steps (`decode`). It is built by torch.utils.cpp_extension with ninja (the
+`scalelm[cpu]` extra) and the machine's C++ compiler for this CPU (`-march=native`), keyed by the sources, the
+torch version and the CPU, a few seconds once. Where it cannot be built (no ninja, no compiler), `available()` is
+False, one line is logged, and PyTorch's own operators run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "rms_norm.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "rms_norm.cpp", "gemv.cpp")]
 _loaded: bool | None = None  # None: not tried yet
 log = logging.getLogger("scalelm.kernels")
 
@@ -51,7 +52,8 @@ def available() -> bool:
                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             _loaded = (hasattr(torch.ops.scalelm_cpu_attention, "forward")
-                       and hasattr(torch.ops.scalelm_cpu_norm, "rms_norm_weight_grad"))
+                       and hasattr(torch.ops.scalelm_cpu_norm, "rms_norm_weight_grad")
+                       and hasattr(torch.ops.scalelm_cpu_gemv, "gemv"))
         except Exception as e:  # no compiler, no headers, a failed build: PyTorch's operators it is
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
             log.warning("scalelm's C++ CPU kernels could not be built (%s: %s); using PyTorch's attention and "

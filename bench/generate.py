@@ -44,7 +44,7 @@ quiet machine.
    the head reads it whole). KV bytes: keys and values of every layer for `batch` rows at the mean attended
    length, prompt + new/2. (The engine's attention reads the whole cache buffer, prompt + new positions, under
    its mask; at these lengths the KV bytes are a few % of the weights either way.) `--matmul`: each variant runs
-   on its own copy of the model: kernel = as the engine runs it by default (`Generator(decode_kernels=True)`:
+   on its own copy of the model: kernel = as the engine runs a model this size by default (`Generator(decode_kernels=True)`:
    the linear layers' few-row products by `scalelm.kernels.cpu.decode`'s streaming kernel), blas = PyTorch's
    F.linear (`decode_kernels=False`), onednn = `OneDNNLinear` (fp32 only). "linear GB/s" times one step's linear
    layers alone, in order, at the row's batch (best of a few passes, the decode's threads): the rate the weights
@@ -91,7 +91,7 @@ from scalelm.model.gpt import GPT, KVCache
 GREEDY = Sampling(temperature=0.0)
 WARM_TOKENS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "scalelm::gemv")
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "scalelm::gemv", "scalelm_cpu_gemv::gemv")
 
 
 class IdTokenizer:
@@ -222,13 +222,13 @@ def cache_table(args) -> None:
     rows: dict[str, dict] = {}
     threads = torch.get_num_threads()
     # (name, use_cache, compiled, decode_threads, decode_kernels); each engine swaps layers of its own model copy
-    modes = [("no cache", False, False, None, True), ("KV cache, eager", True, False, None, True),
-             ("KV cache, eager, F.linear", True, False, None, False), ("KV cache, compiled", True, True, None, True)]
+    modes = [("no cache", False, False, None, None), ("KV cache, eager", True, False, None, None),
+             ("KV cache, eager, kernel", True, False, None, True), ("KV cache, compiled", True, True, None, None)]
     if threads > 1:
-        modes.insert(2, (f"KV cache, eager, {threads} thr", True, False, threads, True))
+        modes.insert(2, (f"KV cache, eager, {threads} thr", True, False, threads, None))
     print(f"decode threads of the cached rows: {Generator(build(args.preset), tokenizer).decode_threads or threads} "
-          f"(the engine's default for this model); the no-cache row and prefills: {threads}; eager rows: the "
-          "engine's decode kernel for the linear layers, except the F.linear row (PyTorch's BLAS)")
+          f"(the engine's default for this model); the no-cache row and prefills: {threads}; linear layers as the "
+          "engine's default runs them (auto_decode_kernels), except the kernel row: scalelm's decode kernel")
     print(f"{'mode':26} {'prefill ms':>10} {'ms/token':>9} {'tokens/s':>9} {'× no cache':>10} {'compile s':>9}")
     engines, warmups, runs = {}, {}, {}
     for name, use_cache, compiled, decode_threads, decode_kernels in modes:

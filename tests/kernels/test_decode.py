@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from scalelm.kernels.cpu import build, decode
+from scalelm.kernels.cpu import build
 from scalelm.kernels.cpu.decode import MAX_ROWS, DecodeLinear, apply_decode_kernels, gemv
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT
@@ -48,26 +49,35 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads():
     assert all(torch.equal(batch[i:i + 1], alone[i]) for i in range(6))
 
 
+class _Ops(TorchDispatchMode):
+    """Records the operators a block calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
 def test_decode_linear_takes_the_kernel_only_for_few_rows_without_gradients():
     torch.manual_seed(0)
     layer = nn.Linear(16, 8)
     apply_decode_kernels(layer)
     assert type(layer) is DecodeLinear
-    calls = []
-
-    def counted(x, weight, bias):
-        calls.append(x.shape[0])
-        return real(x, weight, bias)
-
-    real, decode.gemv = decode.gemv, counted
-    try:
-        with torch.inference_mode():
-            short, long = layer(torch.randn(2, 1, 16)), layer(torch.randn(1, MAX_ROWS + 1, 16))
-        trained = layer(torch.randn(1, 16))  # autograd needs the weight gradient: the plain forward
-    finally:
-        decode.gemv = real
-    assert calls == [2] and short.shape == (2, 1, 8) and long.shape == (1, MAX_ROWS + 1, 8)
-    assert trained.requires_grad
+    x = torch.randn(1, MAX_ROWS + 1, 16)
+    with torch.inference_mode():
+        with _Ops() as short:
+            few = layer(x[:, :2])
+        with _Ops() as long:
+            many = layer(x)
+    with _Ops() as trained:
+        out = layer(x[:, :1])  # autograd needs the weight gradient: the plain forward
+    assert "scalelm_cpu_gemv.gemv" in short.ops
+    assert "scalelm_cpu_gemv.gemv" not in long.ops and "scalelm_cpu_gemv.gemv" not in trained.ops
+    torch.testing.assert_close(few, many[:, :2], rtol=0, atol=1e-6)
+    assert out.requires_grad and few.shape == (1, 2, 8)
 
 
 def test_a_model_with_decode_kernels_computes_the_plain_models_logits():

@@ -49,28 +49,39 @@ def _flops(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
-def _plain_cpu(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    return t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype)
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `gemv` computes F.linear(x, weight, bias) here: a few rows, no gradient, plain CPU operands of one
-    dtype (fp32 or bf16), no autocast, and the kernel library built."""
-    if x.dim() == 0 or x.shape[-1] == 0 or not 0 < x.numel() // x.shape[-1] <= MAX_ROWS:
+    dtype (fp32 or bf16), no autocast, and the kernel library built. Checked on every call of a decode step's
+    layers, so the cheap tests come first."""
+    if x.dim() == 0 or x.shape[-1] == 0 or not 0 < x.numel() <= MAX_ROWS * x.shape[-1]:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    return (weight.dtype in DTYPES and _plain_cpu(x, weight.dtype) and _plain_cpu(weight, weight.dtype)
-            and _plain_cpu(bias, weight.dtype) and not torch.is_autocast_enabled("cpu") and build.available())
+    dtype = weight.dtype
+    if dtype not in DTYPES or x.dtype != dtype or type(x) not in _PLAIN or type(weight) not in _PLAIN:
+        return False
+    if x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.dtype != dtype or type(bias) not in _PLAIN or bias.device.type != "cpu"):
+        return False
+    return not torch.is_autocast_enabled("cpu") and build.available()
 
 
 class DecodeLinear(nn.Linear):
     """`nn.Linear` whose few-row inference forward is `gemv`; same parameters, same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_gemv(x, self.weight, self.bias):
-            return gemv(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
-        return super().forward(x)
+        if not use_gemv(x, self.weight, self.bias):
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():  # the custom op, which torch.compile traces as one opaque call
+            out = gemv(rows, self.weight, self.bias)
+        else:  # the C++ operator itself: a decode step calls it per layer, and the custom op's wrapper costs more
+            out = torch.ops.scalelm_cpu_gemv.gemv(rows, self.weight, self.bias)
+        return out.view(*x.shape[:-1], -1)
 
 
 class OneDNNDecodeLinear(DecodeLinear, OneDNNLinear):

@@ -44,9 +44,9 @@ quiet machine.
    the head reads it whole). KV bytes: keys and values of every layer for `batch` rows at the mean attended
    length, prompt + new/2. (The engine's attention reads the whole cache buffer, prompt + new positions, under
    its mask; at these lengths the KV bytes are a few % of the weights either way.) `--matmul`: each variant runs
-   on its own copy of the model: kernel = as the engine runs a model this size by default (`Generator(decode_kernels=True)`:
+   on its own copy of the model: kernel = the engine's opt-in decode kernel (`Generator(decode_kernels=True)`:
    the linear layers' few-row products by `scalelm.kernels.cpu.decode`'s streaming kernel), blas = PyTorch's
-   F.linear (`decode_kernels=False`), onednn = `OneDNNLinear` (fp32 only). "linear GB/s" times one step's linear
+   F.linear (the engine's default), onednn = `OneDNNLinear` (fp32 only). "linear GB/s" times one step's linear
    layers alone, in order, at the row's batch (best of a few passes, the decode's threads): the rate the weights
    stream at, next to the bandwidth. On a CPU without native bf16 matmuls (AVX2 only) PyTorch's bf16 products run
    through conversion kernels; the decode kernel widens bf16 weights as it loads them. The table reports what it
@@ -222,13 +222,13 @@ def cache_table(args) -> None:
     rows: dict[str, dict] = {}
     threads = torch.get_num_threads()
     # (name, use_cache, compiled, decode_threads, decode_kernels); each engine swaps layers of its own model copy
-    modes = [("no cache", False, False, None, None), ("KV cache, eager", True, False, None, None),
-             ("KV cache, eager, kernel", True, False, None, True), ("KV cache, compiled", True, True, None, None)]
+    modes = [("no cache", False, False, None, False), ("KV cache, eager", True, False, None, False),
+             ("KV cache, eager, kernel", True, False, None, True), ("KV cache, compiled", True, True, None, False)]
     if threads > 1:
-        modes.insert(2, (f"KV cache, eager, {threads} thr", True, False, threads, None))
+        modes.insert(2, (f"KV cache, eager, {threads} thr", True, False, threads, False))
     print(f"decode threads of the cached rows: {Generator(build(args.preset), tokenizer).decode_threads or threads} "
-          f"(the engine's default for this model); the no-cache row and prefills: {threads}; linear layers as the "
-          "engine's default runs them (auto_decode_kernels), except the kernel row: scalelm's decode kernel")
+          f"(the engine's default for this model); the no-cache row and prefills: {threads}; PyTorch's linear "
+          "layers (the engine's default), except the kernel row: scalelm's decode kernel (decode_kernels=True)")
     print(f"{'mode':26} {'prefill ms':>10} {'ms/token':>9} {'tokens/s':>9} {'× no cache':>10} {'compile s':>9}")
     engines, warmups, runs = {}, {}, {}
     for name, use_cache, compiled, decode_threads, decode_kernels in modes:
@@ -283,8 +283,8 @@ def bound_table(args) -> None:
           "best read bandwidth now: " + ", ".join(f"{bw / 1e9:.1f} GB/s on {n} thread{'s' * (n > 1)}"
                                                   for n, bw in bws.items()))
     print("bound = batch × bandwidth (the decode's threads) / (weight + KV cache bytes at the mean attended length, "
-          "prompt + new/2); matmul: kernel = the engine's decode kernel (its default), blas = F.linear, onednn = "
-          "OneDNNLinear; linear GB/s = one step's linear layers alone (best pass)")
+          "prompt + new/2); matmul: kernel = the engine's opt-in decode kernel, blas = F.linear (its default), "
+          "onednn = OneDNNLinear; linear GB/s = one step's linear layers alone (best pass)")
     print(f"{'dtype':5} {'matmul':6} {'batch':>5} {'thr':>3} {'weights MB':>10} {'KV MB':>6} {'bound tok/s':>11} "
           f"{'linear GB/s':>11} {'prefill ms':>10} {'ms/step':>8} {'tokens/s':>9} {'% bound':>7}")
     runs: dict[tuple, list] = {}
@@ -329,7 +329,8 @@ def profile_decode(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     model = build(args.bound_preset)
-    apply_decode_kernels(model)  # the linear layers as the engine runs them
+    if args.matmul.split(",")[0] == "kernel":
+        apply_decode_kernels(model)  # the first --matmul variant's linear layers
     prompt_len, steps = args.bound_prompt_tokens, 8
     tokens = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     cache = KVCache(model.cfg.n_layer, prompt_len + 3 * steps + 1, torch.zeros(1, dtype=torch.long))
@@ -381,9 +382,10 @@ def main() -> None:
     p.add_argument("--bound-new-tokens", type=int, default=32, help="table 2's new tokens")
     p.add_argument("--batch", default="1,8", help="table 2's batch sizes, comma-separated")
     p.add_argument("--dtype", default="fp32,bf16", help="table 2's dtypes, comma-separated: fp32, bf16")
-    p.add_argument("--matmul", default="kernel,blas",
-                   help="table 2's linear layers: kernel (the engine's decode kernel, its default), blas "
-                        "(PyTorch's F.linear), onednn (OneDNNLinear; fp32 only), comma-separated")
+    p.add_argument("--matmul", default="blas,kernel",
+                   help="table 2's linear layers: blas (PyTorch's F.linear, the engine's default), kernel "
+                        "(decode_kernels=True), onednn (OneDNNLinear; fp32 only), comma-separated; the first "
+                        "is --profile's")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per row (median), after one warm-up")
     p.add_argument("--bw-mb", type=int, default=512, help="MB of the fp32 tensor the read bandwidth is summed over")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")

@@ -38,15 +38,6 @@ def auto_decode_threads(model: nn.Module) -> int:
     return 1 if sum(p.numel() * p.element_size() for p in params) < SMALL_DECODE_BYTES else 0
 
 
-def auto_decode_kernels(model: nn.Module) -> bool:
-    """Whether `model`'s decode steps take scalelm's streaming linear kernel by default: a CPU model of at least
-    SMALL_DECODE_BYTES, whose weights stream from memory every step. A smaller one's weights stay in the caches,
-    where PyTorch's BLAS multiplies as fast and its call costs less."""
-    params = list(model.parameters())
-    return bool(params) and params[0].device.type == "cpu" and \
-        sum(p.numel() * p.element_size() for p in params) >= SMALL_DECODE_BYTES
-
-
 @contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     """Run the block with `n` intra-op threads (0: leave PyTorch's setting), restored after it."""
@@ -116,15 +107,16 @@ class Generator:
     prefill and the no-cache path keep PyTorch's setting); None = `auto_decode_threads` (1 for a small CPU
     model), 0 = PyTorch's setting, n = n threads. decode_kernels: on a CPU model, the linear layers' few-row
     products (the decode steps) by scalelm's streaming kernel (`apply_decode_kernels`; where it cannot be built,
-    PyTorch's own); None = `auto_decode_kernels` (a model whose weights stream from memory)."""
+    PyTorch's own). Off by default: it splits every product over the intra-op threads, so where other processes
+    hold the cores each product waits for a descheduled one (bench/generate.py compares it with PyTorch's)."""
 
     def __init__(self, model: nn.Module, tokenizer, compile: bool = False, cpu_matmul: str | None = None,
-                 decode_threads: int | None = None, decode_kernels: bool | None = None):
+                 decode_threads: int | None = None, decode_kernels: bool = False):
         if cpu_matmul is not None:
             from scalelm.kernels.cpu import apply_cpu_kernels
 
             apply_cpu_kernels(model, matmul=cpu_matmul, kernels=False)  # skips GPU and tensor-parallel models
-        if decode_kernels or (decode_kernels is None and auto_decode_kernels(model)):
+        if decode_kernels:
             from scalelm.kernels.cpu.decode import apply_decode_kernels
 
             apply_decode_kernels(model)  # skips GPU and tensor-parallel models

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 PROBE_STEPS = 12
 """Steps timed before the length is decided: the first two (compilation, allocator warm-up) are left out."""
-FORWARD_SHARE = 0.5
-"""Seconds of a forward-only token over a training token (forward ~1/3 of the FLOPs; small eval batches and
-one-sequence sampling run less efficiently)."""
+FORWARD_SHARE = 1 / 3
+"""Seconds of a forward-only token over a training token: a forward is a third of a training step's FLOPs, and
+an evaluation batch is never larger than a training batch nor runs autograd or the optimizer."""
 MARGIN = 0.03
 """Share of the budget held back for what the estimate misses (the final checkpoint, a slower minute)."""
 
@@ -26,8 +26,9 @@ def evaluations_in(done: int, total: int, eval_every: int) -> int:
 
 
 def eval_seconds(step_s: float, tokens_per_step: int, eval_tokens: int, sample_tokens: int, seq_len: int) -> float:
-    """Estimated seconds of one evaluation: the validation batches' forward passes, plus the sample, which re-runs
-    its growing context (no KV cache) for each new token."""
+    """Estimated seconds of one evaluation: the validation batches' forward passes, plus the sample. The sample is
+    charged as if it re-ran its growing context for each new token: more FLOPs than its cached one-position
+    forwards compute, which stands for their running far below a batch's rate."""
     sample_forward_tokens = sum(min(seq_len, 1 + i) for i in range(sample_tokens))
     return FORWARD_SHARE * (eval_tokens + sample_forward_tokens) * step_s / tokens_per_step
 

@@ -4,7 +4,7 @@ PyTorch allocates CPU tensors with the system malloc. glibc serves large blocks 
 128 KiB and adapts up to 32 MiB) with fresh mmaps and hands free memory at the top of its heap back to the OS, so a
 training step returns its activations at the end of the backward and faults them in again, zero-filled page by page,
 in the next forward: tens of thousands of page faults per step, which slow a CPU step down
-(docs/benchmarks.md#host-memory).
+(docs/benchmarks.md#training-throughput-and-cpu-kernels).
 
 GPUs avoid this with the CUDA caching allocator; CPU training guides preload jemalloc or tcmalloc. Two `mallopt`
 calls give the same effect for glibc with no preload and no new dependency: no mmap for tensors, no trimming.

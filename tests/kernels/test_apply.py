@@ -1,6 +1,10 @@
 """apply_cpu_kernels: module swaps that change how the model computes, never what, for every model family."""
 
+import logging
+import os
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +47,21 @@ def test_applying_twice_is_applying_once():
     first = apply_cpu_kernels(model)
     assert apply_cpu_kernels(model) == [] or "no C++ kernels (not built)" in first
     assert any(name.startswith("KernelAttention") for name in first)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    """A process killed while building leaves PyTorch's lock, which would make every later build wait forever."""
+    from scalelm.kernels.cpu import build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("scalelm_test", verbose=False)) / "lock"
+    lock.touch()
+    build._remove_stale_lock("scalelm_test")
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - build.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="scalelm.kernels"):
+        build._remove_stale_lock("scalelm_test")
+    assert not lock.exists() and "did not finish" in caplog.text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,25 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
+STALE_LOCK_S = 600.0
+"""A build lock older than this belongs to a build that died (a build takes well under a minute)."""
+
+
+def _remove_stale_lock(name: str) -> None:
+    """PyTorch's build lock waits without end for the process holding it; a process killed while building
+    leaves it behind, and every later run would hang before its first step. An old lock goes, with one line."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # where load() builds `name`
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError):  # no lock (the usual case), or a torch that builds elsewhere
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f s ago by a kernel build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing, rather than tracing the build
 def available() -> bool:
     """Build (once per machine) and load the kernels; False, with one logged line, where that fails."""
@@ -48,7 +68,9 @@ def available() -> bool:
                                  + _cpu_signature().encode())
             # -fopenmp: at::parallel_for is inline OpenMP code, serial without it; the library links to the libgomp
             # PyTorch has already loaded (same soname), so BLAS inside it knows it runs in a parallel region.
-            load(name=f"scalelm_cpu_kernels_{key.hexdigest()[:16]}", sources=[str(p) for p in SOURCES],
+            name = f"scalelm_cpu_kernels_{key.hexdigest()[:16]}"
+            _remove_stale_lock(name)
+            load(name=name, sources=[str(p) for p in SOURCES],
                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
             _loaded = (hasattr(torch.ops.scalelm_cpu_attention, "forward")

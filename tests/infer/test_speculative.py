@@ -190,14 +190,18 @@ def test_sampling_rule_gives_the_target_distribution():
     assert (same == 1).all()  # p == q: always accepted
 
 
-def test_sampling_end_to_end_matches_target_distribution():
-    """Two tokens over a 4-character vocabulary (the models' other 124 rows cut off), top-k 3, a draft unlike the
-    target: 400 seeded generations against the target's exact joint of the two tokens."""
+def _sharp_pair():
+    """A 4-character tokenizer, two unlike 1-layer models with sharp distributions (fp64), top-k 3 sampling."""
     tok = CharTokenizer.from_text("abcd")
     torch.manual_seed(0)
     cfg = replace(get_preset("tiny"), n_layer=1, init_std=0.5)
-    target, draft = GPT(cfg).double().eval(), GPT(cfg).double().eval()
-    sampling = Sampling(temperature=0.9, top_k=3)
+    return tok, GPT(cfg).double().eval(), GPT(cfg).double().eval(), Sampling(temperature=0.9, top_k=3)
+
+
+def test_sampling_end_to_end_matches_target_distribution():
+    """Two tokens over a 4-character vocabulary (the models' other 124 rows cut off), top-k 3, a draft unlike the
+    target: 400 seeded generations against the target's exact joint of the two tokens."""
+    tok, target, draft, sampling = _sharp_pair()
     with torch.inference_mode():
         def dist(ids):
             return probabilities(target(torch.tensor([ids]))[0, -1:, :4].float(), sampling)[0].double()
@@ -258,11 +262,7 @@ def test_min_confidence_keeps_greedy_output_with_fewer_drafts():
 def test_min_confidence_sampling_keeps_the_target_distribution():
     """Three tokens, k=2, a threshold that ends some rounds after one draft and not others: 1500 seeded
     generations against the target's exact joint of the three tokens."""
-    tok = CharTokenizer.from_text("abcd")
-    torch.manual_seed(0)
-    cfg = replace(get_preset("tiny"), n_layer=1, init_std=0.5)
-    target, draft = GPT(cfg).double().eval(), GPT(cfg).double().eval()
-    sampling = Sampling(temperature=0.9, top_k=3)
+    tok, target, draft, sampling = _sharp_pair()
     with torch.inference_mode():
         def dist(model, ids):
             return probabilities(model(torch.tensor([ids]))[0, -1:, :4].float(), sampling)[0].double()

@@ -44,9 +44,9 @@ quiet machine.
    the head reads it whole). KV bytes: keys and values of every layer for `batch` rows at the mean attended
    length, prompt + new/2. (The engine's attention reads the whole cache buffer, prompt + new positions, under
    its mask; at these lengths the KV bytes are a few % of the weights either way.) `--matmul`: each variant runs
-   on its own copy of the model: kernel = the engine's opt-in decode kernel (`Generator(decode_kernels=True)`:
-   the linear layers' few-row products by `scalelm.kernels.cpu.decode`'s streaming kernel), blas = PyTorch's
-   F.linear (the engine's default), onednn = `OneDNNLinear` (fp32 only). "linear GB/s" times one step's linear
+   on its own copy of the model: kernel = the engine's default for a model this size (`auto_decode_kernels`:
+   the linear layers' few-row products by `scalelm.kernels.cpu.decode`'s streaming kernel, the weights on huge
+   pages), blas = PyTorch's F.linear (`decode_kernels=False`), onednn = `OneDNNLinear` (fp32 only). "linear GB/s" times one step's linear
    layers alone, in order, at the row's batch (best of a few passes, the decode's threads): the rate the weights
    stream at, next to the bandwidth. On a CPU without native bf16 matmuls (AVX2 only) PyTorch's bf16 products run
    through conversion kernels; the decode kernel widens bf16 weights as it loads them. The table reports what it
@@ -54,7 +54,8 @@ quiet machine.
    Issue target: batch-1 decode ≥ 50% of the bound.
 
    Bandwidth: bytes READ per second by a `torch.sum` over a `--bw-mb` (512 MB) fp32 tensor, far larger than the
-   caches, the best call over a second, on 1 thread and on the decode's threads (both printed), measured before
+   caches, on 4 KiB pages and on huge pages where the machine has them (the kernel's weights are), the best call
+   over a second, on 1 thread and on the decode's threads (both printed), measured before
    the rows and again after them; the bound takes the better of the two at the decode's threads, so a busy moment
    does not lower the bar. A decode step streams the weights once and writes almost nothing, so a
    read-only stream is the rate it could reach. The copy figure printed at the top for reference
@@ -85,6 +86,7 @@ from scalelm.infer.generate import Generator, auto_decode_threads, intra_op_thre
 from scalelm.infer.sampling import Sampling
 from scalelm.kernels.cpu import apply_cpu_kernels
 from scalelm.kernels.cpu.decode import MAX_ROWS, apply_decode_kernels, gemv
+from scalelm.kernels.cpu.pages import pack_on_huge_pages
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT, KVCache
 
@@ -165,17 +167,21 @@ def summarize(runs: list[tuple[float, float]], batch: int, new: int, warm: int, 
 
 def read_bandwidth(mb: int, threads: int = 0) -> float:
     """Bytes/s read by a sum over an fp32 tensor of `mb` MB with `threads` intra-op threads (0: this process's):
-    the best of the calls over a second, the rate this CPU reaches at all (a decode step reads its weights the
-    same way, once, front to back)."""
-    x = torch.ones(mb * 2**20 // 4)
+    the best of the calls over a second, on 4 KiB pages and on huge pages (where the machine has them), the rate
+    this CPU reaches at all (a decode step reads its weights the same way, once, front to back)."""
+    plain = torch.ones(mb * 2**20 // 4)
+    huge = nn.Parameter(torch.ones(mb * 2**20 // 4), requires_grad=False)
+    tensors = [plain, huge] if pack_on_huge_pages([huge]) else [plain]
+    times = []
     with intra_op_threads(threads):
-        x.sum()
-        times, end = [], time.perf_counter() + 1.0
-        while time.perf_counter() < end or len(times) < 5:
-            start = time.perf_counter()
+        for x in tensors:
             x.sum()
-            times.append(time.perf_counter() - start)
-    return x.numel() * 4 / min(times)
+            end = time.perf_counter() + 1.0 / len(tensors)
+            while time.perf_counter() < end or len(times) < 5:
+                start = time.perf_counter()
+                x.sum()
+                times.append(time.perf_counter() - start)
+    return plain.numel() * 4 / min(times)
 
 
 def linear_bandwidth(model: GPT, batch: int, kernel: bool, repeats: int = 5) -> float:
@@ -283,7 +289,7 @@ def bound_table(args) -> None:
           "best read bandwidth now: " + ", ".join(f"{bw / 1e9:.1f} GB/s on {n} thread{'s' * (n > 1)}"
                                                   for n, bw in bws.items()))
     print("bound = batch × bandwidth (the decode's threads) / (weight + KV cache bytes at the mean attended length, "
-          "prompt + new/2); matmul: kernel = the engine's opt-in decode kernel, blas = F.linear (its default), "
+          "prompt + new/2); matmul: kernel = scalelm's decode kernel (the engine's default here), blas = F.linear, "
           "onednn = OneDNNLinear; linear GB/s = one step's linear layers alone (best pass)")
     print(f"{'dtype':5} {'matmul':6} {'batch':>5} {'thr':>3} {'weights MB':>10} {'KV MB':>6} {'bound tok/s':>11} "
           f"{'linear GB/s':>11} {'prefill ms':>10} {'ms/step':>8} {'tokens/s':>9} {'% bound':>7}")
@@ -383,8 +389,8 @@ def main() -> None:
     p.add_argument("--batch", default="1,8", help="table 2's batch sizes, comma-separated")
     p.add_argument("--dtype", default="fp32,bf16", help="table 2's dtypes, comma-separated: fp32, bf16")
     p.add_argument("--matmul", default="blas,kernel",
-                   help="table 2's linear layers: blas (PyTorch's F.linear, the engine's default), kernel "
-                        "(decode_kernels=True), onednn (OneDNNLinear; fp32 only), comma-separated; the first "
+                   help="table 2's linear layers: blas (PyTorch's F.linear, decode_kernels=False), kernel "
+                        "(scalelm's decode kernel, the engine's default for this model size), onednn (OneDNNLinear; fp32 only), comma-separated; the first "
                         "is --profile's")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per row (median), after one warm-up")
     p.add_argument("--bw-mb", type=int, default=512, help="MB of the fp32 tensor the read bandwidth is summed over")

@@ -8,6 +8,7 @@ import torch
 
 from scalelm.data.tokenizer import CharTokenizer
 from scalelm.infer import GenerationError, Generator, Sampling
+from scalelm.infer.generate import auto_decode_kernels
 from scalelm.infer.stops import StopText
 from scalelm.kernels.cpu.linear import OneDNNLinear, onednn_available
 from scalelm.model import get_preset
@@ -193,3 +194,11 @@ def test_decode_kernels_generate_the_tokens_of_pytorchs_linear_layers():
                     kernel.generate(prompts, 30, GREEDY, logprobs=True)):
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
+def test_the_decode_kernel_is_the_default_for_a_large_cpu_model_only():
+    """A small model's steps are dispatch-bound (PyTorch's layers, one thread); a large one's stream weights."""
+    small, large = torch.nn.Linear(64, 64), torch.nn.Linear(4096, 4096)  # 16 KiB and 64 MiB of weights
+    assert not auto_decode_kernels(small) and auto_decode_kernels(large)
+    assert not auto_decode_kernels(torch.nn.Linear(4096, 4096, device="meta"))
+    assert type(Generator(_model("mha-learned"), TOKENIZER).model.output) is torch.nn.Linear

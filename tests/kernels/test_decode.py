@@ -36,9 +36,10 @@ def test_gemv_computes_f_linear(dtype, rows, out, inner):
         torch.testing.assert_close(got.float(), F.linear(x, w, bias).float(), rtol=1e-2, atol=tol)
 
 
-def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads():
+@pytest.mark.parametrize("dtype,inner", [(torch.float32, 300), (torch.bfloat16, 768), (torch.bfloat16, 300)])
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(dtype, inner):
     torch.manual_seed(0)
-    x, w = torch.randn(6, 300), torch.randn(2000, 300)
+    x, w = torch.randn(6, inner).to(dtype), torch.randn(2001, inner).to(dtype)
     batch = gemv(x, w)
     before = torch.get_num_threads()
     try:

@@ -29,13 +29,26 @@ from scalelm.model.gpt import KVCache
 SMALL_DECODE_BYTES = 64 * 2**20
 
 
+def _cpu_weight_bytes(model: nn.Module) -> int | None:
+    """Bytes of `model`'s parameters where they live on the CPU; None for a model elsewhere or without any."""
+    params = list(model.parameters())
+    if not params or params[0].device.type != "cpu":
+        return None
+    return sum(p.numel() * p.element_size() for p in params)
+
+
 def auto_decode_threads(model: nn.Module) -> int:
     """Intra-op threads for `model`'s one-token decode steps: 1 for a small model on the CPU, else 0 (PyTorch's
     own setting)."""
-    params = list(model.parameters())
-    if not params or params[0].device.type != "cpu":
-        return 0
-    return 1 if sum(p.numel() * p.element_size() for p in params) < SMALL_DECODE_BYTES else 0
+    size = _cpu_weight_bytes(model)
+    return 1 if size is not None and size < SMALL_DECODE_BYTES else 0
+
+
+def auto_decode_kernels(model: nn.Module) -> bool:
+    """Whether the engine takes scalelm's decode kernel for `model` by default: a CPU model whose decode steps
+    stream their weights from memory (not a small one, whose steps are dispatch-bound and run on one thread)."""
+    size = _cpu_weight_bytes(model)
+    return size is not None and size >= SMALL_DECODE_BYTES
 
 
 @contextmanager
@@ -106,17 +119,18 @@ class Generator:
     not (docs/benchmarks.md#generation). decode_threads: intra-op threads of the cached decode steps (the
     prefill and the no-cache path keep PyTorch's setting); None = `auto_decode_threads` (1 for a small CPU
     model), 0 = PyTorch's setting, n = n threads. decode_kernels: on a CPU model, the linear layers' few-row
-    products (the decode steps) by scalelm's streaming kernel (`apply_decode_kernels`; where it cannot be built,
-    PyTorch's own). Off by default: it splits every product over the intra-op threads, so where other processes
-    hold the cores each product waits for a descheduled one (bench/generate.py compares it with PyTorch's)."""
+    products (the decode steps) by scalelm's streaming kernel, which splits each over the intra-op threads, with
+    the weights on huge pages (`apply_decode_kernels`; where it cannot be built, PyTorch's own); None =
+    `auto_decode_kernels` (on for a CPU model of 64 MiB or more). PyTorch's one-row product reads on one thread,
+    well below the memory's rate (bench/generate.py compares the two)."""
 
     def __init__(self, model: nn.Module, tokenizer, compile: bool = False, cpu_matmul: str | None = None,
-                 decode_threads: int | None = None, decode_kernels: bool = False):
+                 decode_threads: int | None = None, decode_kernels: bool | None = None):
         if cpu_matmul is not None:
             from scalelm.kernels.cpu import apply_cpu_kernels
 
             apply_cpu_kernels(model, matmul=cpu_matmul, kernels=False)  # skips GPU and tensor-parallel models
-        if decode_kernels:
+        if auto_decode_kernels(model) if decode_kernels is None else decode_kernels:
             from scalelm.kernels.cpu.decode import apply_decode_kernels
 
             apply_decode_kernels(model)  # skips GPU and tensor-parallel models

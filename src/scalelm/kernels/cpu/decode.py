@@ -23,6 +23,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from scalelm.kernels.cpu import build
 from scalelm.kernels.cpu.linear import OneDNNLinear
+from scalelm.kernels.cpu.pages import pack_on_huge_pages
 
 MAX_ROWS = 8
 """Rows the kernel takes at most: past a few, the product has the arithmetic of a GEMM, which BLAS tiles better."""
@@ -89,9 +90,9 @@ class OneDNNDecodeLinear(DecodeLinear, OneDNNLinear):
 
 
 def apply_decode_kernels(model: nn.Module) -> list[str]:
-    """Swap `model`'s linear layers for their `DecodeLinear` versions, in place; nothing where the parameters are
-    not plain CPU tensors (a GPU or tensor-parallel model) or the kernel library cannot be built. Returns what it
-    applied, for the log."""
+    """Swap `model`'s linear layers for their `DecodeLinear` versions and move its parameters onto huge pages
+    (`pack_on_huge_pages`: the stream the kernel reads), in place; nothing where the parameters are not plain CPU
+    tensors (a GPU or tensor-parallel model) or the kernel library cannot be built. Returns what it applied."""
     params = list(model.parameters())
     if not params or any(type(p) is not nn.Parameter or p.device.type != "cpu" for p in params):
         return []
@@ -104,5 +105,11 @@ def apply_decode_kernels(model: nn.Module) -> list[str]:
         if new_class is not None:
             module.__class__ = new_class  # the same object, parameters and hooks: only the forward changes
             count += 1
-    log.info("applied decode kernels: DecodeLinear ×%d", count)
-    return [f"DecodeLinear ×{count}"] if count else []
+    if not count:
+        return []
+    applied = [f"DecodeLinear ×{count}"]
+    moved = pack_on_huge_pages(params)
+    if moved:
+        applied.append(f"weights on huge pages ({moved / 1e6:.0f} MB)")
+    log.info("applied decode kernels: %s", ", ".join(applied))
+    return applied

@@ -1,0 +1,41 @@
+"""Weights moved onto huge pages: the same values, Parameter objects and ties, and a state dict that saves and
+loads as before."""
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scalelm.kernels.cpu.pages import HUGE_PAGE, huge_pages_possible, pack_on_huge_pages
+from scalelm.model import get_preset
+from scalelm.model.gpt import GPT
+from scalelm.train.checkpoint import unique_state
+
+
+def test_packing_keeps_values_parameters_and_ties(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny")).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = list(model.parameters())
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.inference_mode():
+        want = model(ids)
+    moved = pack_on_huge_pages(params)
+    if not huge_pages_possible():
+        assert moved == 0
+        return
+    assert moved >= sum(p.numel() * p.element_size() for p in params)
+    assert list(model.parameters()) == params  # the same objects, now views of one buffer
+    assert model.output.weight is model.tok_embeddings.weight  # the tie survives
+    first = params[0].data_ptr() - params[0].untyped_storage().data_ptr()
+    assert (params[0].untyped_storage().data_ptr() + first) % HUGE_PAGE == 0  # the buffer's huge pages start here
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])
+        assert p.untyped_storage().data_ptr() == params[0].untyped_storage().data_ptr()  # all in the one buffer
+    with torch.inference_mode():
+        assert torch.equal(model(ids), want)
+    save_file(unique_state(model), str(tmp_path / "model.safetensors"))
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(loaded[name], before[name]) for name in loaded)
+
+
+def test_nothing_to_pack_moves_nothing():
+    assert pack_on_huge_pages([]) == 0

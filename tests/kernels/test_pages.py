@@ -37,5 +37,30 @@ def test_packing_keeps_values_parameters_and_ties(tmp_path):
     assert all(torch.equal(loaded[name], before[name]) for name in loaded)
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "VmFlags:":
+                return fields[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_buffer_is_private_memory_advised_for_huge_pages():
+    """madvise on a shared anonymous mapping would be shmem's, whose huge pages are usually off: the buffer is
+    private ("hg": advised for huge pages; no "sh": not shared)."""
+    weight = torch.nn.Parameter(torch.randn(1024, 1024), requires_grad=False)
+    if not pack_on_huge_pages([weight]):
+        assert not huge_pages_possible()
+        return
+    flags = _vm_flags(weight.data_ptr())
+    assert "hg" in flags and "sh" not in flags
+
+
 def test_nothing_to_pack_moves_nothing():
     assert pack_on_huge_pages([]) == 0

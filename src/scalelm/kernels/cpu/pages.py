@@ -46,7 +46,9 @@ def pack_on_huge_pages(params: Sequence[nn.Parameter]) -> int:
     for p in params:
         offsets.append(end)
         end += -(-p.numel() * p.element_size() // ALIGN) * ALIGN
-    mapping = mmap.mmap(-1, end + HUGE_PAGE)  # anonymous, zero-filled, not yet touched
+    # Private and anonymous: zero-filled, not yet touched (a shared mapping would be shmem, whose huge pages
+    # follow another setting that is usually off).
+    mapping = mmap.mmap(-1, end + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive as long as a view of it lives
     start = -raw.data_ptr() % HUGE_PAGE  # the first byte on a 2 MiB boundary: whole huge pages from there
     mapping.madvise(mmap.MADV_HUGEPAGE)

@@ -10,7 +10,8 @@ order (a row's numbers do not depend on its batch or the thread count).
 `apply_decode_kernels(model)` swaps `nn.Linear` for `DecodeLinear` (and oneDNN's `OneDNNLinear` for
 `OneDNNDecodeLinear`): same parameters and state dict; the forward takes the kernel for up to `MAX_ROWS` rows of
 plain CPU fp32/bf16 tensors outside autograd, and the layer's own forward for anything else (prefill, training).
-The generation engine applies it to a CPU model.
+It also moves the weights onto huge pages (`pages.py`). The generation engine applies it to a CPU model of 64 MiB
+or more (`scalelm.infer.generate.auto_decode_kernels`); a smaller one's steps are bound by operator dispatch.
 """
 
 from __future__ import annotations

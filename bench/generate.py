@@ -54,10 +54,11 @@ quiet machine.
    Issue target: batch-1 decode ≥ 50% of the bound.
 
    Bandwidth: bytes READ per second by a `torch.sum` over a `--bw-mb` (512 MB) fp32 tensor, far larger than the
-   caches, on 4 KiB pages and on huge pages where the machine has them (the kernel's weights are), the best call
-   over a second, on 1 thread and on the decode's threads (both printed), measured before
-   the rows and again after them; the bound takes the better of the two at the decode's threads, so a busy moment
-   does not lower the bar. A decode step streams the weights once and writes almost nothing, so a
+   caches, on 4 KiB pages and on huge pages where the machine has them (the kernel's weights are), the best call:
+   on 1 thread and on the decode's threads at the start (printed), then on the decode's threads for 0.3 s just
+   before each timed generation. A shared host's memory rate drifts by tens of percent within minutes, so each
+   generation is held against the bound of its own moment: % bound is the median over the repeats of tokens/s /
+   that bound. A decode step streams the weights once and writes almost nothing, so a
    read-only stream is the rate it could reach. The copy figure printed at the top for reference
    (`scalelm.calibrate.machine.measure_memory_bw`: read + written bytes) measures another traffic: the written
    half, which a decode step hardly has, costs most CPUs an extra read per line.
@@ -165,23 +166,33 @@ def summarize(runs: list[tuple[float, float]], batch: int, new: int, warm: int, 
             "tokens_per_s": batch * (new - 1) / decode, "compile_s": warm_decode - (warm - 1) * step}
 
 
-def read_bandwidth(mb: int, threads: int = 0) -> float:
-    """Bytes/s read by a sum over an fp32 tensor of `mb` MB with `threads` intra-op threads (0: this process's):
-    the best of the calls over a second, on 4 KiB pages and on huge pages (where the machine has them), the rate
-    this CPU reaches at all (a decode step reads its weights the same way, once, front to back)."""
-    plain = torch.ones(mb * 2**20 // 4)
-    huge = nn.Parameter(torch.ones(mb * 2**20 // 4), requires_grad=False)
-    tensors = [plain, huge] if pack_on_huge_pages([huge]) else [plain]
-    times = []
-    with intra_op_threads(threads):
-        for x in tensors:
-            x.sum()
-            end = time.perf_counter() + 1.0 / len(tensors)
-            while time.perf_counter() < end or len(times) < 5:
-                start = time.perf_counter()
+class ReadBandwidth:
+    """Bytes/s read by a sum over an fp32 tensor of `mb` MB, far larger than the caches, with `threads` intra-op
+    threads (0: this process's): the best call over `seconds`, on 4 KiB pages and on huge pages (where the machine
+    has them), the rate this CPU reaches at all (a decode step reads its weights the same way, once, front to
+    back). The tensors are made once; `measure` is called next to each timed generation."""
+
+    def __init__(self, mb: int):
+        self.plain = torch.ones(mb * 2**20 // 4)
+        huge = nn.Parameter(torch.ones(mb * 2**20 // 4), requires_grad=False)
+        self.tensors = [self.plain, huge] if pack_on_huge_pages([huge]) else [self.plain]
+
+    def measure(self, threads: int = 0, seconds: float = 1.0) -> float:
+        times = []
+        with intra_op_threads(threads):
+            for x in self.tensors:
                 x.sum()
-                times.append(time.perf_counter() - start)
-    return plain.numel() * 4 / min(times)
+                end = time.perf_counter() + seconds / len(self.tensors)
+                while time.perf_counter() < end or len(times) < 3:
+                    start = time.perf_counter()
+                    x.sum()
+                    times.append(time.perf_counter() - start)
+        return self.plain.numel() * 4 / min(times)
+
+
+def read_bandwidth(mb: int, threads: int = 0) -> float:
+    """`ReadBandwidth(mb).measure(threads)`: one measurement, for a caller that needs only one."""
+    return ReadBandwidth(mb).measure(threads)
 
 
 def linear_bandwidth(model: GPT, batch: int, kernel: bool, repeats: int = 5) -> float:
@@ -284,47 +295,53 @@ def bound_table(args) -> None:
             apply_cpu_kernels(model, matmul="onednn", kernels=False)  # nn.Linear → OneDNNLinear, nothing else
         engines[dtype, matmul] = Generator(model, IdTokenizer(model.cfg.vocab_size), decode_kernels=matmul == "kernel")
     threads = {gen.decode_threads or torch.get_num_threads() for gen in engines.values()}
-    bws = {n: read_bandwidth(args.bw_mb, n) for n in sorted(threads | {1, torch.get_num_threads()})}
+    reader = ReadBandwidth(args.bw_mb)
+    bws = {n: reader.measure(n) for n in sorted(threads | {1, torch.get_num_threads()})}
     print(f"\n2. {args.bound_preset} (random weights), prompt {prompt_len} tokens, {new} new tokens, greedy, eager; "
-          "best read bandwidth now: " + ", ".join(f"{bw / 1e9:.1f} GB/s on {n} thread{'s' * (n > 1)}"
-                                                  for n, bw in bws.items()))
-    print("bound = batch × bandwidth (the decode's threads) / (weight + KV cache bytes at the mean attended length, "
-          "prompt + new/2); matmul: kernel = scalelm's decode kernel (the engine's default here), blas = F.linear, "
-          "onednn = OneDNNLinear; linear GB/s = one step's linear layers alone (best pass)")
+          "best read bandwidth at the start: " + ", ".join(f"{bw / 1e9:.1f} GB/s on {n} thread{'s' * (n > 1)}"
+                                                           for n, bw in bws.items()))
+    print("bound = batch × bandwidth (the decode's threads, measured just before each timed generation) / (weight + "
+          "KV cache bytes at the mean attended length, prompt + new/2), median over the repeats; % bound = median of "
+          "tokens/s / the bound of the same moment; matmul: kernel = scalelm's decode kernel (the engine's default "
+          "here), blas = F.linear, onednn = OneDNNLinear; linear GB/s = one step's linear layers alone (best pass)")
     print(f"{'dtype':5} {'matmul':6} {'batch':>5} {'thr':>3} {'weights MB':>10} {'KV MB':>6} {'bound tok/s':>11} "
           f"{'linear GB/s':>11} {'prefill ms':>10} {'ms/step':>8} {'tokens/s':>9} {'% bound':>7}")
     runs: dict[tuple, list] = {}
+    bandwidths: dict[tuple, list] = {}
     warm = {}
     for key, gen in engines.items():
         for batch in batches:
             prompts = id_prompts(gen.cfg.vocab_size, batch, prompt_len)
             warm[key + (batch,)] = (WARM_TOKENS, timed_generation(gen, prompts, WARM_TOKENS, True)[1])
-            runs[key + (batch,)] = []
+            runs[key + (batch,)], bandwidths[key + (batch,)] = [], []
     for _ in range(args.repeats):  # every row once per repeat: a change of the machine's load hits them alike
         for (dtype, matmul), gen in engines.items():
+            n = gen.decode_threads or torch.get_num_threads()
             for batch in batches:
                 prompts = id_prompts(gen.cfg.vocab_size, batch, prompt_len)
+                # The host's memory rate drifts by tens of percent within minutes: each generation is held
+                # against the rate of its own moment.
+                bandwidths[dtype, matmul, batch].append(reader.measure(n, seconds=0.3))
                 runs[dtype, matmul, batch].append(timed_generation(gen, prompts, new, True))
-    bws_after = {n: read_bandwidth(args.bw_mb, n) for n in bws}
-    best = {n: max(bws[n], bws_after[n]) for n in bws}  # the best rate seen in the run: the bound is not lowered
     results = []
     for (dtype, matmul), gen in engines.items():
         model, n = gen.model, gen.decode_threads or torch.get_num_threads()
         weights = weight_bytes(model)
         for batch in batches:
+            key = (dtype, matmul, batch)
             kv = kv_bytes(model, batch, prompt_len + new / 2)
-            bound = batch * best[n] / (weights + kv)
+            bounds = [batch * bw / (weights + kv) for bw in bandwidths[key]]
+            rates = [batch * (new - 1) / decode for _, decode in runs[key]]
+            share = statistics.median(rate / bound for rate, bound in zip(rates, bounds))
             with intra_op_threads(gen.decode_threads):
                 linear_bw = linear_bandwidth(model, batch, matmul == "kernel" and batch <= MAX_ROWS)
-            r = summarize(runs[dtype, matmul, batch], batch, new, *warm[dtype, matmul, batch])
-            share = r["tokens_per_s"] / bound
+            r = summarize(runs[key], batch, new, *warm[key])
             results.append((f"{dtype} {matmul}", batch, share))
-            print(f"{dtype:5} {matmul:6} {batch:>5} {n:>3} {weights / 1e6:>10.1f} {kv / 1e6:>6.1f} {bound:>11.1f} "
-                  f"{linear_bw / 1e9:>11.1f} {r['prefill_s'] * 1e3:>10.0f} {r['step_s'] * 1e3:>8.1f} "
-                  f"{r['tokens_per_s']:>9.1f} {100 * share:>6.1f}%", flush=True)
-    print("read bandwidth after the rows: " + ", ".join(f"{bws_after[n] / 1e9:.1f} GB/s on {n} (before: "
-                                                         f"{bws[n] / 1e9:.1f})" for n in bws)
-          + "; the bound takes the better of the two")
+            print(f"{dtype:5} {matmul:6} {batch:>5} {n:>3} {weights / 1e6:>10.1f} {kv / 1e6:>6.1f} "
+                  f"{statistics.median(bounds):>11.1f} {linear_bw / 1e9:>11.1f} {r['prefill_s'] * 1e3:>10.0f} "
+                  f"{r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9.1f} {100 * share:>6.1f}%", flush=True)
+    seen = [bw for values in bandwidths.values() for bw in values]
+    print(f"read bandwidth next to the generations: {min(seen) / 1e9:.1f}–{max(seen) / 1e9:.1f} GB/s")
     for variant, batch, share in results:
         if batch == 1:
             print(f"batch-1 {variant} decode at {100 * share:.0f}% of the bandwidth bound (issue target ≥ 50%)")

@@ -78,12 +78,11 @@ class DecodeLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not use_gemv(x, self.weight, self.bias):
             return super().forward(x)
-        rows = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():  # the custom op, which torch.compile traces as one opaque call
-            out = gemv(rows, self.weight, self.bias)
-        else:  # the C++ operator itself: a decode step calls it per layer, and the custom op's wrapper costs more
-            out = torch.ops.scalelm_cpu_gemv.gemv(rows, self.weight, self.bias)
-        return out.view(*x.shape[:-1], -1)
+            return gemv(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
+        # The C++ operator itself, on x of any leading shape: a decode step calls it per layer, and the custom
+        # op's wrapper and Python-side reshapes cost more than a small product's arithmetic.
+        return torch.ops.scalelm_cpu_gemv.gemv(x, self.weight, self.bias)
 
 
 class OneDNNDecodeLinear(DecodeLinear, OneDNNLinear):

@@ -158,7 +158,7 @@ void gemv_rows(const float* x, const W* w, const W* bias, W* out, int64_t rows, 
   });
 }
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor gemv_2d(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.device().is_cpu() && weight.is_contiguous() &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
               "gemv: expected a contiguous 2-D fp32 or bf16 CPU weight");
@@ -187,6 +187,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
                     bias.has_value() ? bias->data_ptr<bf16>() : nullptr, out.data_ptr<bf16>(), x.size(0), n, k);
   }
   return out;
+}
+
+// x [..., K] → [..., N]: the rows of any leading shape (a decode step's [batch, 1, K]) without a reshape operator
+// on the Python side, whose dispatch costs as much as a small product's arithmetic.
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "gemv: expected x with a last dimension of ", weight.size(-1));
+  if (x.dim() == 2) return gemv_2d(x, weight, bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = weight.size(0);
+  return gemv_2d(x.reshape({-1, x.size(-1)}), weight, bias).view(shape);
 }
 
 }  // namespace

@@ -21,6 +21,13 @@
 
 namespace {
 
+// Weight rows a thread's task reads at least: 512 KiB (tens of microseconds). A smaller matrix is read by one
+// thread, as waking another costs more than the read; every larger one is split, as one core alone streams well
+// below the memory's rate.
+inline int64_t task_rows(int64_t k, size_t element_size) {
+  return std::max<int64_t>(4, (int64_t{512} << 10) / (k * static_cast<int64_t>(element_size)));
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
@@ -114,7 +121,7 @@ void gemv_rows_pairs(const c10::BFloat16* x, const c10::BFloat16* w, const c10::
       split[r * k + j] = static_cast<float>(x[r * k + 2 * j]);
       split[r * k + k / 2 + j] = static_cast<float>(x[r * k + 2 * j + 1]);
     }
-  const int64_t grain = std::max<int64_t>(4, (int64_t{512} << 10) / (k * 2));
+  const int64_t grain = task_rows(k, sizeof(c10::BFloat16));
   at::parallel_for(0, (n + 3) / 4, grain / 4, [&](int64_t b0, int64_t b1) {
     float sums[4];
     for (int64_t j = b0 * 4; j < std::min(n, b1 * 4); j += 4) {
@@ -136,10 +143,7 @@ void gemv_rows_pairs(const c10::BFloat16* x, const c10::BFloat16* w, const c10::
 
 template <typename W>
 void gemv_rows(const float* x, const W* w, const W* bias, W* out, int64_t rows, int64_t n, int64_t k) {
-  // A task reads at least 512 KiB of weights (tens of microseconds): a smaller matrix is read by one thread, as
-  // waking another costs more than the read; every larger one is split, as one core alone streams well below the
-  // memory's rate.
-  const int64_t grain = std::max<int64_t>(4, (int64_t{512} << 10) / (k * static_cast<int64_t>(sizeof(W))));
+  const int64_t grain = task_rows(k, sizeof(W));
   at::parallel_for(0, (n + 3) / 4, grain / 4, [&](int64_t b0, int64_t b1) {
     float sums[4];
     for (int64_t j = b0 * 4; j < std::min(n, b1 * 4); j += 4) {

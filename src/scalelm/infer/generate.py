@@ -11,6 +11,7 @@ their own settings (`Request`: token budget, sampling, seed, stops, logprobs), a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 
 from scalelm.infer.sampling import Sampling, next_tokens
 from scalelm.infer.stops import StopText
+from scalelm.infer.threads import ThreadChoice
 from scalelm.model.gpt import KVCache
 
 # A decode step of a model with fewer weight bytes than this is a chain of tiny operators (a few µs of work each):
@@ -118,7 +120,8 @@ class Generator:
     the trainer does; a one-row decode GEMM is memory-bound, and oneDNN spreads it over the cores where MKL may
     not (docs/benchmarks.md#generation). decode_threads: intra-op threads of the cached decode steps (the
     prefill and the no-cache path keep PyTorch's setting); None = `auto_decode_threads` (1 for a small CPU
-    model), 0 = PyTorch's setting, n = n threads. decode_kernels: on a CPU model, the linear layers' few-row
+    model; for a large one, PyTorch's setting or 1, whichever its steps run faster under the machine's present
+    load: `ThreadChoice`), 0 = PyTorch's setting, n = n threads. decode_kernels: on a CPU model, the linear layers' few-row
     products (the decode steps) by scalelm's streaming kernel, which splits each over the intra-op threads, with
     the weights on huge pages (`apply_decode_kernels`; where it cannot be built, PyTorch's own); None =
     `auto_decode_kernels` (on for a CPU model of 64 MiB or more). PyTorch's one-row product reads on one thread,
@@ -130,7 +133,8 @@ class Generator:
             from scalelm.kernels.cpu import apply_cpu_kernels
 
             apply_cpu_kernels(model, matmul=cpu_matmul, kernels=False)  # skips GPU and tensor-parallel models
-        if auto_decode_kernels(model) if decode_kernels is None else decode_kernels:
+        large = auto_decode_kernels(model)
+        if large if decode_kernels is None else decode_kernels:
             from scalelm.kernels.cpu.decode import apply_decode_kernels
 
             apply_decode_kernels(model)  # skips GPU and tensor-parallel models
@@ -142,6 +146,9 @@ class Generator:
         self.vocab_limit = tokenizer.vocab_size  # rows past it pad the embedding table: never sampled
         self._decode_model = torch.compile(model, dynamic=False) if compile else model
         self.decode_threads = auto_decode_threads(model) if decode_threads is None else decode_threads
+        # A large CPU model's steps on all threads or on one, whichever the machine's load makes faster.
+        self.thread_choice = (ThreadChoice() if decode_threads is None and large and torch.get_num_threads() > 1
+                              else None)
 
     # ---- the public API -----------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, sampling: Sampling | None = None,
@@ -276,14 +283,20 @@ class Generator:
         pad = torch.tensor([longest - len(i) for i in ids], device=self.device)
         tokens = torch.tensor([[0] * (longest - len(i)) + i for i in ids], device=self.device)  # left padding
         cache = _BoundedCache(self.cfg.n_layer, longest + new, pad, self.cfg.max_seq_len - 1)
-        model, threads = self.model, 0  # the prefill with PyTorch's threads, then the decode steps'
+        model, threads, step = self.model, 0, 0  # the prefill with PyTorch's threads, then the decode steps'
+        choice = self.thread_choice
         while True:
+            if step and choice is not None:
+                threads = choice.pick(len(ids))
+            start = time.perf_counter()
             with torch.inference_mode(), intra_op_threads(threads):
                 cache.prepare(tokens.shape[1])
                 logits = model(tokens, cache=cache)[:, -1]
                 cache.advance()
+            if step > 1 and choice is not None:  # the first decode step also allocates (or compiles): not timed
+                choice.record(threads, time.perf_counter() - start, len(ids))
             chosen = yield logits
-            tokens, model, threads = chosen[:, None], self._decode_model, self.decode_threads
+            tokens, model, threads, step = chosen[:, None], self._decode_model, self.decode_threads, step + 1
 
     def _recomputed_logits(self, ids: list[list[int]]):
         """The same without a cache: each row's whole sequence through the model for every token."""

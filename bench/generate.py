@@ -342,6 +342,17 @@ def bound_table(args) -> None:
                   f"{r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9.1f} {100 * share:>6.1f}%", flush=True)
     seen = [bw for values in bandwidths.values() for bw in values]
     print(f"read bandwidth next to the generations: {min(seen) / 1e9:.1f}–{max(seen) / 1e9:.1f} GB/s")
+    settled = []  # the engine times its steps on all threads and on one (ThreadChoice) and decodes with the faster
+    for (dtype, matmul), gen in engines.items():
+        if gen.thread_choice is not None:
+            for batch in batches:
+                times = {n: s for (key, n), s in gen.thread_choice.seconds.items() if key == batch}
+                if times:
+                    fastest = min(times, key=times.get)
+                    settled.append(f"{dtype} {matmul} b{batch}: {fastest or torch.get_num_threads()}")
+    if settled:
+        print("decode threads the engine settled on (its steps timed; the bound takes all threads' bandwidth): "
+              + ", ".join(settled))
     for variant, batch, share in results:
         if batch == 1:
             print(f"batch-1 {variant} decode at {100 * share:.0f}% of the bandwidth bound (issue target ≥ 50%)")

@@ -118,12 +118,12 @@ class Generator:
     batch size and cache length); the prefill stays eager. cpu_matmul ("onednn" | "blas" | None = leave the
     model as it is): on an fp32 CPU model, the linear layers' GEMM backend, swapped in by `apply_cpu_kernels` as
     the trainer does; a one-row decode GEMM is memory-bound, and oneDNN spreads it over the cores where MKL may
-    not (docs/benchmarks.md#generation). decode_threads: intra-op threads of the cached decode steps (the
-    prefill and the no-cache path keep PyTorch's setting); None = `auto_decode_threads` (1 for a small CPU
-    model; for a large one, PyTorch's setting or 1, whichever its steps run faster under the machine's present
-    load: `ThreadChoice`), 0 = PyTorch's setting, n = n threads. decode_kernels: on a CPU model, the linear layers' few-row
-    products (the decode steps) by scalelm's streaming kernel, which splits each over the intra-op threads, with
-    the weights on huge pages (`apply_decode_kernels`; where it cannot be built, PyTorch's own); None =
+    not (docs/benchmarks.md#generation). decode_threads: intra-op threads of the cached decode steps (the prefill
+    and the no-cache path keep PyTorch's setting); None = `auto_decode_threads` (1 for a small CPU model; for a
+    large one, PyTorch's setting or 1, whichever its steps run faster under the machine's present load:
+    `ThreadChoice`), 0 = PyTorch's setting, n = n threads. decode_kernels: on a CPU model, the linear layers'
+    few-row products (the decode steps) by scalelm's streaming kernel, which splits each over the intra-op threads,
+    with the weights on huge pages (`apply_decode_kernels`; where it cannot be built, PyTorch's own); None =
     `auto_decode_kernels` (on for a CPU model of 64 MiB or more). PyTorch's one-row product reads on one thread,
     well below the memory's rate (bench/generate.py compares the two)."""
 

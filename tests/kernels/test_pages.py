@@ -1,9 +1,14 @@
 """Weights moved onto huge pages: the same values, Parameter objects and ties, and a state dict that saves and
 loads as before."""
 
+import errno
+import mmap
+
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from scalelm.kernels.cpu import pages
 from scalelm.kernels.cpu.pages import HUGE_PAGE, huge_pages_possible, pack_on_huge_pages
 from scalelm.model import get_preset
 from scalelm.model.gpt import GPT
@@ -60,6 +65,20 @@ def test_the_buffer_is_private_memory_advised_for_huge_pages():
         return
     flags = _vm_flags(weight.data_ptr())
     assert "hg" in flags and "sh" not in flags
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages on this platform")
+def test_a_refused_advice_leaves_the_weights_where_they_are(monkeypatch):
+    class RefusingMapping(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(mmap, "mmap", RefusingMapping)
+    monkeypatch.setattr(pages, "huge_pages_possible", lambda: True)
+    weight = torch.nn.Parameter(torch.randn(64, 64), requires_grad=False)
+    before, address = weight.detach().clone(), weight.data_ptr()
+    assert pack_on_huge_pages([weight]) == 0
+    assert weight.data_ptr() == address and torch.equal(weight, before)
 
 
 def test_nothing_to_pack_moves_nothing():

@@ -48,12 +48,11 @@ def pack_on_huge_pages(params: Sequence[nn.Parameter]) -> int:
         end += -(-p.numel() * p.element_size() // ALIGN) * ALIGN
     # Private and anonymous: zero-filled, not yet touched (a shared mapping would be shmem, whose huge pages
     # follow another setting that is usually off).
-    mapping = mmap.mmap(-1, end + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
+        mapping = mmap.mmap(-1, end + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         mapping.madvise(mmap.MADV_HUGEPAGE)
-    except OSError as e:  # a sandbox that refuses the advice: the weights stay where they are
-        log.info("weights left on their pages: madvise(MADV_HUGEPAGE) refused (%s)", e)
-        mapping.close()
+    except OSError as e:  # no room for a second copy (a ulimit), or a sandbox that refuses the advice
+        log.info("weights left on their pages: %s", e)
         return 0
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive as long as a view of it lives
     start = -raw.data_ptr() % HUGE_PAGE  # the first byte on a 2 MiB boundary: whole huge pages from there
